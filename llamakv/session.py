@@ -1,0 +1,444 @@
+"""A compressible KV-cache session on top of a llama-cpp-python `Llama`.
+
+`KVSession` installs the capture callback on the `Llama`'s context, prefills text or tokens
+(positions tracked here, not by `Llama`), compresses the cache with a press, generates from the
+compressed cache and saves / loads the compressed sequence state.
+"""
+from __future__ import annotations
+
+import codecs
+import contextlib
+import ctypes
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import llama_cpp
+import numpy as np
+from llama_cpp import _internals
+
+from .cache import SequenceCache
+from .capture import Capture
+from .errors import CacheFullError, LlamaKVError, ModelError, StateError, UnsupportedModelError
+from .models import check_gguf, resolve_model
+from .scoring import ExpectedAttention, Press, ScoreInputs, aggregate
+
+# architectures whose pre-RoPE query is `Qcur-N` (RESHAPE, or VIEW with fused QKV) and whose
+# attention scale is 1/sqrt(head_dim); value: the query tensor is the QK-normed one
+SUPPORTED_ARCHITECTURES = {"llama": False, "qwen2": False}
+STATE_MAGIC = "llamakv-state"
+STATE_VERSION = 1
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class CompressionReport:
+    method: str
+    aggregation: str
+    ratio: float
+    cells_before: int
+    cells_after: int
+    evicted: int
+    runs: int
+    kv_bytes_before: int
+    kv_bytes_after: int
+    unscored_cells: int
+    compacted: bool
+    capture_s: float
+    scoring_s: float
+    eviction_s: float
+    compaction_s: float
+    n_kv_before: int
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def format(self) -> str:
+        mib = lambda b: b / 2**20  # noqa: E731
+        return "\n".join([
+            f"method        {self.method} (aggregation: {self.aggregation}), ratio {self.ratio:g}",
+            f"cells         {self.cells_before} -> {self.cells_after} ({self.evicted} evicted in {self.runs} runs)",
+            f"KV bytes      {mib(self.kv_bytes_before):.2f} MiB -> {mib(self.kv_bytes_after):.2f} MiB",
+            f"time          capture {self.capture_s * 1e3:.1f} ms, scoring {self.scoring_s * 1e3:.1f} ms, "
+            f"eviction {self.eviction_s * 1e3:.1f} ms, compaction {self.compaction_s * 1e3:.1f} ms",
+        ])
+
+
+def _meta(model, key: str) -> str | None:
+    buf = ctypes.create_string_buffer(256)
+    n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode() if n >= 0 else None
+
+
+class KVSession:
+    """Prefill, compress and generate on one sequence of a `Llama`'s KV cache.
+
+    Wrapping an existing `Llama` replaces its context by one with the capture callback (the old
+    context is freed first, so there is never a second KV cache); the model stays loaded once.
+    Use the session, not the `Llama`'s own generation methods, on the cache afterwards: after
+    eviction `Llama`'s position and prefix bookkeeping no longer describes the cache.
+    """
+
+    def __init__(self, llama: llama_cpp.Llama, *, n_sink: int = 4, full_covariance: bool = False,
+                 press: Press | None = None, aggregation: str = "mean", seq_id: int = 0):
+        self.llama = llama
+        model = llama._model.model
+        self.architecture = _meta(model, "general.architecture") or "?"
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"architecture {self.architecture!r} is not supported yet "
+                f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
+        self.n_layer = llama_cpp.llama_model_n_layer(model)
+        self.n_head = llama_cpp.llama_model_n_head(model)
+        self.n_head_kv = llama_cpp.llama_model_n_head_kv(model)
+        key_len = _meta(model, f"{self.architecture}.attention.key_length")
+        self.head_dim = int(key_len) if key_len else llama_cpp.llama_model_n_embd(model) // self.n_head
+        self.n_sink = n_sink
+        self.press = press or ExpectedAttention(full_covariance=full_covariance)
+        self.aggregation = aggregation
+
+        params = llama.context_params
+        self.n_ubatch = int(params.n_ubatch)
+        self.capture = Capture(
+            n_layer=self.n_layer, n_head=self.n_head, n_head_kv=self.n_head_kv,
+            head_dim=self.head_dim, n_ubatch=self.n_ubatch, capacity=int(params.n_ctx) + self.n_ubatch,
+            q_normed=SUPPORTED_ARCHITECTURES[self.architecture], n_sink=n_sink,
+            full_covariance=full_covariance)
+        self._install_callback(params)
+        self.ctx = llama._ctx.ctx
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self.cache = SequenceCache(self.ctx, seq_id)
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        self._batch = llama_cpp.llama_batch_init(self.n_ubatch, 0, 1)
+        self.next_pos = 0       # position of the next token
+        self.n_cells = 0        # cells this sequence holds
+        self._has_logits = False
+        self.last_report: CompressionReport | None = None
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_model(cls, model: str | os.PathLike | None = None, *, n_ctx: int = 8192,
+                   n_gpu_layers: int = 0, n_threads: int | None = None, flash_attn: bool = False,
+                   n_batch: int = 512, type_k: int | None = None, type_v: int | None = None,
+                   seed: int = 0, verbose: bool = False, **session_kwargs) -> "KVSession":
+        """Load a GGUF (path or registry name, see models.toml) and wrap it."""
+        path = resolve_model(model)
+        check_gguf(path, SUPPORTED_ARCHITECTURES)
+        kwargs = dict(model_path=str(path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
+                      n_batch=n_batch, n_ubatch=n_batch, flash_attn=flash_attn, seed=seed,
+                      verbose=verbose)
+        if n_threads:
+            kwargs.update(n_threads=n_threads, n_threads_batch=n_threads)
+        if type_k is not None:
+            kwargs["type_k"] = type_k
+        if type_v is not None:
+            kwargs["type_v"] = type_v
+        try:
+            llama = llama_cpp.Llama(**kwargs)
+        except ValueError as e:
+            raise ModelError(f"llama.cpp could not load {path}: {e}") from e
+        return cls(llama, **session_kwargs)
+
+    def _install_callback(self, params) -> None:
+        llama = self.llama
+        params.cb_eval = ctypes.cast(self.capture.callback_address,
+                                     llama_cpp.ggml_backend_sched_eval_callback)
+        params.cb_eval_user_data = self.capture.user_data_address
+        llama._ctx.close()  # free the old KV cache before the new context allocates its own
+        new_ctx = _internals.LlamaContext(model=llama._model, params=params, verbose=llama.verbose)
+        llama._ctx = new_ctx
+        llama._stack.enter_context(contextlib.closing(new_ctx))
+        if getattr(llama, "_lora_adapter", None) is not None:
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(llama._lora_adapter)
+            scales = (ctypes.c_float * 1)(llama.lora_scale)
+            llama_cpp.llama_set_adapters_lora(new_ctx.ctx, adapters, 1, scales)
+        llama.n_tokens = 0
+
+    def close(self) -> None:
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- tokens ----------------------------------------------------------------------------
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        add_bos = self.n_cells == 0 and self.next_pos == 0 and llama_cpp.llama_vocab_get_add_bos(self.vocab)
+        toks = self.llama.tokenize(text.encode("utf-8"), add_bos=bool(add_bos), special=special)
+        if len(toks) >= 2 and toks[0] == toks[1] == self.llama.token_bos():
+            toks = toks[1:]  # the chat template already wrote the BOS
+        return toks
+
+    def token_bytes(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def chat_prompt(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        """The model's own chat template applied to messages."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = self.llama.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise LlamaKVError("this model has no chat template (tokenizer.chat_template)")
+        tok = lambda t: self.llama._model.token_get_text(t) if t >= 0 else ""  # noqa: E731
+        fmt = Jinja2ChatFormatter(template, eos_token=tok(self.llama.token_eos()),
+                                  bos_token=tok(self.llama.token_bos()),
+                                  add_generation_prompt=add_generation_prompt)
+        return fmt(messages=list(messages)).prompt
+
+    # -- decoding --------------------------------------------------------------------------
+    @property
+    def free_cells(self) -> int:
+        return self.n_ctx - self.n_cells
+
+    def _decode(self, tokens: Sequence[int], *, progress: ProgressFn | None = None) -> None:
+        """Decode tokens at the next positions, in ubatch-sized calls; logits of the last one."""
+        n = len(tokens)
+        if n == 0:
+            return
+        if n > self.free_cells:
+            raise CacheFullError(
+                f"{n} tokens do not fit in the {self.free_cells} free cells of the KV cache "
+                f"(n_ctx {self.n_ctx}, {self.n_cells} in use): raise -c / n_ctx, or compress first")
+        b = self._batch
+        done = 0
+        while done < n:
+            chunk = tokens[done:done + self.n_ubatch]
+            m = len(chunk)
+            for i, tok in enumerate(chunk):
+                b.token[i] = tok
+                b.pos[i] = self.next_pos + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = self.cache.seq_id
+                b.logits[i] = 0
+            b.logits[m - 1] = int(done + m == n)
+            b.n_tokens = m
+            rows_before = self.capture.n_rows
+            rc = llama_cpp.llama_decode(self.ctx, b)
+            self.capture.end_ubatch_sequence()
+            if rc != 0:
+                self.capture.truncate(rows_before)
+                if rc == 1:
+                    raise CacheFullError("llama.cpp found no free KV slot for the batch")
+                raise LlamaKVError(f"llama_decode failed with code {rc}")
+            self.capture.check()
+            self.next_pos += m
+            self.n_cells += m
+            self._has_logits = True
+            done += m
+            if progress:
+                progress(done, n)
+
+    def prefill(self, prompt: str | Sequence[int], *, progress: ProgressFn | None = None) -> int:
+        """Append text (tokenized with special tokens) or token ids; returns the number of tokens."""
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if not tokens:
+            raise ValueError("empty prompt: nothing to prefill")
+        self._decode(tokens, progress=progress)
+        return len(tokens)
+
+    # -- compression -----------------------------------------------------------------------
+    def score_inputs(self) -> ScoreInputs:
+        n = self.capture.n_rows
+        return ScoreInputs(keys=self.capture.keys[:n], vnorm=self.capture.vnorm[:n],
+                           pos=self.capture.pos[:n], stats=self.capture.stats,
+                           rope=self.capture.rope, next_pos=self.next_pos, n_head=self.n_head,
+                           n_sink=self.n_sink)
+
+    def compress(self, ratio: float, *, press: Press | None = None, aggregation: str | None = None,
+                 compact: bool = True) -> CompressionReport:
+        """Evict `ratio` of the compressible cells (all but the sinks and the newest position),
+        those with the lowest aggregated score; then compact the cache so n_kv shrinks."""
+        if not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0) or math.isnan(ratio):
+            raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
+        press = press or self.press
+        aggregation = aggregation or self.aggregation
+        if self.capture.n_rows == 0:
+            raise LlamaKVError("nothing to compress: prefill a prompt first (with capture enabled)")
+        cells_before = self.n_cells
+        bytes_before = self.cache.state_size()
+        n_kv_before = int(self.capture.n_kv.max())
+
+        t0 = time.perf_counter()
+        inputs = self.score_inputs()
+        pos = inputs.pos
+        protected = (pos < self.n_sink) | (pos == self.next_pos - 1)
+        cell_scores = aggregate(press.score(inputs), aggregation)
+        candidates = np.flatnonzero(~protected)
+        n_evict = int(math.floor(ratio * len(candidates)))
+        order = np.argsort(cell_scores[candidates], kind="stable")
+        evict_rows = np.sort(candidates[order[:n_evict]])
+        t1 = time.perf_counter()
+
+        runs = self.cache.evict(pos[evict_rows])
+        keep = np.ones(len(pos), dtype=bool)
+        keep[evict_rows] = False
+        self.capture.keep_rows(np.flatnonzero(keep))
+        self.n_cells -= len(evict_rows)
+        t2 = time.perf_counter()
+        if compact and n_evict > 0:
+            self.cache.compact()
+        t3 = time.perf_counter()
+
+        self.last_report = CompressionReport(
+            method=press.name, aggregation=aggregation, ratio=float(ratio),
+            cells_before=cells_before, cells_after=self.n_cells, evicted=len(evict_rows), runs=runs,
+            kv_bytes_before=bytes_before, kv_bytes_after=self.cache.state_size(),
+            unscored_cells=cells_before - len(pos), compacted=bool(compact and n_evict > 0),
+            capture_s=self.capture.capture_seconds, scoring_s=t1 - t0, eviction_s=t2 - t1,
+            compaction_s=t3 - t2, n_kv_before=n_kv_before)
+        return self.last_report
+
+    # -- generation ------------------------------------------------------------------------
+    def _sampler(self, temperature: float, top_k: int, top_p: float, seed: int):
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if temperature <= 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        else:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(top_k))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(top_p, 1))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(temperature))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
+        return chain
+
+    def stream(self, prompt: str | Sequence[int] | None = None, *, max_tokens: int = 256,
+               temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95, seed: int = 0,
+               stop: Sequence[str] = ()) -> Iterator[str]:
+        """Yield generated text pieces. With a prompt, it is prefilled first; without one,
+        generation continues from the logits of the last decoded token."""
+        if prompt is not None:
+            self.prefill(prompt)
+        elif not self._has_logits:
+            raise ValueError("nothing to continue from: give a prompt (after load(), the state "
+                             "holds no logits)")
+        sampler = self._sampler(temperature, top_k, top_p, seed)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text = ""
+        try:
+            for _ in range(max_tokens):
+                tok = llama_cpp.llama_sampler_sample(sampler, self.ctx, -1)
+                if llama_cpp.llama_vocab_is_eog(self.vocab, tok):
+                    break
+                piece = decoder.decode(self.token_bytes(tok))
+                self._decode([tok])
+                if stop:
+                    text += piece
+                    hit = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+                    if hit >= 0:
+                        tail = text[:hit][len(text) - len(piece):]
+                        if tail:
+                            yield tail
+                        return
+                if piece:
+                    yield piece
+        finally:
+            llama_cpp.llama_sampler_free(sampler)
+
+    def generate(self, prompt: str | Sequence[int] | None = None, **kwargs) -> str:
+        return "".join(self.stream(prompt, **kwargs))
+
+    # -- state -----------------------------------------------------------------------------
+    def fingerprint(self) -> dict:
+        model = self.llama._model.model
+        buf = ctypes.create_string_buffer(256)
+        llama_cpp.llama_model_desc(model, buf, len(buf))
+        return {
+            "architecture": self.architecture, "desc": buf.value.decode(),
+            "n_params": int(llama_cpp.llama_model_n_params(model)),
+            "size": int(llama_cpp.llama_model_size(model)),
+            "n_layer": self.n_layer, "n_head": self.n_head, "n_head_kv": self.n_head_kv,
+            "head_dim": self.head_dim, "n_vocab": int(llama_cpp.llama_vocab_n_tokens(self.vocab)),
+            "name": _meta(model, "general.name"),
+        }
+
+    def save(self, path: str | os.PathLike) -> int:
+        """Write the compressed sequence (llama.cpp state + captured keys and statistics)
+        atomically; returns the file size."""
+        path = Path(path)
+        n = self.capture.n_rows
+        meta = {"magic": STATE_MAGIC, "version": STATE_VERSION, "model": self.fingerprint(),
+                "next_pos": self.next_pos, "n_cells": self.n_cells, "n_sink": self.n_sink,
+                "full_covariance": self.capture.stats.cov is not None,
+                "rope_params": self.capture.rope_params.tolist(),
+                "rope_factors": self.capture.rope_factors.tolist(),
+                "rope_has_factors": self.capture.rope_has_factors.tolist(),
+                "rope_seen": self.capture.rope_seen.tolist()}
+        arrays = dict(meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+                      llama_state=np.frombuffer(self.cache.get_state(), dtype=np.uint8),
+                      keys=self.capture.keys[:n], vnorm=self.capture.vnorm[:n],
+                      pos=self.capture.pos[:n], **self.capture.stats.arrays())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return path.stat().st_size
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Replace this sequence by a saved one. A state of another model is refused and the
+        current cache is left as it was."""
+        path = Path(path)
+        if not path.exists():
+            raise StateError(f"no saved state at {path}")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+            meta = json.loads(data["meta"].tobytes())
+        except Exception as e:  # np.load raises many kinds on a damaged file
+            raise StateError(f"{path} is not a llamakv state file: {e}") from e
+        if meta.get("magic") != STATE_MAGIC or meta.get("version") != STATE_VERSION:
+            raise StateError(f"{path} is not a llamakv state file of version {STATE_VERSION}")
+        mine = self.fingerprint()
+        if meta["model"] != mine:
+            diff = {k: (meta["model"].get(k), v) for k, v in mine.items() if meta["model"].get(k) != v}
+            raise StateError(f"{path} was saved from another model (saved vs loaded: {diff})")
+        if len(data["pos"]) > self.n_ctx:
+            raise StateError(f"{path} holds {len(data['pos'])} cells, more than n_ctx {self.n_ctx}")
+        backup = self.cache.get_state() if self.n_cells else None
+        try:
+            self.cache.set_state(data["llama_state"].tobytes())
+        except StateError:
+            if backup is not None:
+                self.cache.set_state(backup)
+            else:
+                self.cache.clear()
+            raise
+        self.capture.load_rows(data["keys"], data["vnorm"], data["pos"])
+        self.capture.stats.restore(data)
+        self.capture.rope_params[:] = meta["rope_params"]
+        self.capture.rope_factors[:] = meta["rope_factors"]
+        self.capture.rope_has_factors[:] = meta["rope_has_factors"]
+        self.capture.rope_seen[:] = meta["rope_seen"]
+        self.next_pos = int(meta["next_pos"])
+        self.n_cells = int(meta["n_cells"])
+        self._has_logits = False
+
+    def reset(self) -> None:
+        """Empty the sequence and forget everything captured."""
+        self.cache.clear()
+        self.capture.reset()
+        self.next_pos = 0
+        self.n_cells = 0
+        self._has_logits = False
