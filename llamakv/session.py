@@ -35,6 +35,19 @@ STATE_MAGIC = "llamakv-state"
 STATE_VERSION = 1
 
 ProgressFn = Callable[[int, int], None]
+_ROPE_ARRAYS = ("rope_params", "rope_factors", "rope_has_factors", "rope_seen")
+
+
+@dataclass
+class Snapshot:
+    llama_state: bytes
+    keys: np.ndarray
+    vnorm: np.ndarray
+    pos: np.ndarray
+    stats: dict
+    rope: dict
+    next_pos: int
+    n_cells: int
 
 
 @dataclass
@@ -366,22 +379,46 @@ class KVSession:
             "name": _meta(model, "general.name"),
         }
 
-    def save(self, path: str | os.PathLike) -> int:
-        """Write the compressed sequence (llama.cpp state + captured keys and statistics)
-        atomically; returns the file size."""
-        path = Path(path)
+    def snapshot(self) -> "Snapshot":
+        """The sequence as it is now (cells and captured data), to restore() later: prefill once,
+        then try several compressions."""
         n = self.capture.n_rows
+        c = self.capture
+        return Snapshot(
+            llama_state=self.cache.get_state(), keys=c.keys[:n].copy(), vnorm=c.vnorm[:n].copy(),
+            pos=c.pos[:n].copy(), stats={k: v.copy() for k, v in c.stats.arrays().items()},
+            rope={k: getattr(c, k).copy() for k in _ROPE_ARRAYS},
+            next_pos=self.next_pos, n_cells=self.n_cells)
+
+    def restore(self, snap: "Snapshot") -> None:
+        """Put a snapshot back; if llama.cpp refuses it, the current cache is kept."""
+        if len(snap.pos) > self.n_ctx or snap.n_cells > self.n_ctx:
+            raise StateError(f"the state holds {snap.n_cells} cells, more than n_ctx {self.n_ctx}")
+        backup = self.cache.get_state() if self.n_cells else None
+        try:
+            self.cache.set_state(snap.llama_state)
+        except StateError:
+            if backup is not None:
+                self.cache.set_state(backup)
+            raise
+        self.capture.load_rows(snap.keys, snap.vnorm, snap.pos)
+        self.capture.stats.restore(snap.stats)
+        for k in _ROPE_ARRAYS:
+            getattr(self.capture, k)[:] = snap.rope[k]
+        self.next_pos = snap.next_pos
+        self.n_cells = snap.n_cells
+        self._has_logits = False
+
+    def save(self, path: str | os.PathLike, extra: dict | None = None) -> int:
+        """Write the compressed sequence (llama.cpp state + captured keys and statistics)
+        atomically; `extra` (JSON) comes back from load(). Returns the file size."""
+        path = Path(path)
+        snap = self.snapshot()
         meta = {"magic": STATE_MAGIC, "version": STATE_VERSION, "model": self.fingerprint(),
-                "next_pos": self.next_pos, "n_cells": self.n_cells, "n_sink": self.n_sink,
-                "full_covariance": self.capture.stats.cov is not None,
-                "rope_params": self.capture.rope_params.tolist(),
-                "rope_factors": self.capture.rope_factors.tolist(),
-                "rope_has_factors": self.capture.rope_has_factors.tolist(),
-                "rope_seen": self.capture.rope_seen.tolist()}
+                "next_pos": snap.next_pos, "n_cells": snap.n_cells, "extra": extra or {}}
         arrays = dict(meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-                      llama_state=np.frombuffer(self.cache.get_state(), dtype=np.uint8),
-                      keys=self.capture.keys[:n], vnorm=self.capture.vnorm[:n],
-                      pos=self.capture.pos[:n], **self.capture.stats.arrays())
+                      llama_state=np.frombuffer(snap.llama_state, dtype=np.uint8),
+                      keys=snap.keys, vnorm=snap.vnorm, pos=snap.pos, **snap.stats, **snap.rope)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
@@ -396,44 +433,30 @@ class KVSession:
             raise
         return path.stat().st_size
 
-    def load(self, path: str | os.PathLike) -> None:
-        """Replace this sequence by a saved one. A state of another model is refused and the
-        current cache is left as it was."""
+    def load(self, path: str | os.PathLike) -> dict:
+        """Replace this sequence by a saved one; returns the `extra` given to save(). A state of
+        another model is refused and the current cache is left as it was."""
         path = Path(path)
-        if not path.exists():
+        if not path.is_file():
             raise StateError(f"no saved state at {path}")
         try:
             with np.load(path, allow_pickle=False) as z:
                 data = {k: z[k] for k in z.files}
             meta = json.loads(data["meta"].tobytes())
-        except Exception as e:  # np.load raises many kinds on a damaged file
+        except Exception as e:  # np.load and json raise many kinds on a damaged file
             raise StateError(f"{path} is not a llamakv state file: {e}") from e
-        if meta.get("magic") != STATE_MAGIC or meta.get("version") != STATE_VERSION:
+        if not isinstance(meta, dict) or meta.get("magic") != STATE_MAGIC or meta.get("version") != STATE_VERSION:
             raise StateError(f"{path} is not a llamakv state file of version {STATE_VERSION}")
         mine = self.fingerprint()
         if meta["model"] != mine:
             diff = {k: (meta["model"].get(k), v) for k, v in mine.items() if meta["model"].get(k) != v}
             raise StateError(f"{path} was saved from another model (saved vs loaded: {diff})")
-        if len(data["pos"]) > self.n_ctx:
-            raise StateError(f"{path} holds {len(data['pos'])} cells, more than n_ctx {self.n_ctx}")
-        backup = self.cache.get_state() if self.n_cells else None
-        try:
-            self.cache.set_state(data["llama_state"].tobytes())
-        except StateError:
-            if backup is not None:
-                self.cache.set_state(backup)
-            else:
-                self.cache.clear()
-            raise
-        self.capture.load_rows(data["keys"], data["vnorm"], data["pos"])
-        self.capture.stats.restore(data)
-        self.capture.rope_params[:] = meta["rope_params"]
-        self.capture.rope_factors[:] = meta["rope_factors"]
-        self.capture.rope_has_factors[:] = meta["rope_has_factors"]
-        self.capture.rope_seen[:] = meta["rope_seen"]
-        self.next_pos = int(meta["next_pos"])
-        self.n_cells = int(meta["n_cells"])
-        self._has_logits = False
+        stats = {k: data[k] for k in ("q_count", "q_mean", "q_m2", "q_cov") if k in data}
+        self.restore(Snapshot(
+            llama_state=data["llama_state"].tobytes(), keys=data["keys"], vnorm=data["vnorm"],
+            pos=data["pos"], stats=stats, rope={k: data[k] for k in _ROPE_ARRAYS},
+            next_pos=int(meta["next_pos"]), n_cells=int(meta["n_cells"])))
+        return meta.get("extra", {})
 
     def reset(self) -> None:
         """Empty the sequence and forget everything captured."""

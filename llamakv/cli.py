@@ -1,0 +1,218 @@
+"""`llamakv` command line: compress a long prompt's KV cache, then answer a question from it."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from importlib import resources
+
+from .errors import LlamaKVError
+from .models import describe_registry
+from .scoring import AGGREGATIONS, PRESSES, make_press
+
+_SPLIT = "\x00llamakv-question\x00"
+
+
+def _data(name: str) -> str:
+    return resources.files("llamakv").joinpath("data", name).read_text(encoding="utf-8")
+
+
+class Progress:
+    """Prefill progress on stderr: rewritten in place on a terminal, every 25% otherwise."""
+
+    def __init__(self, label: str, quiet: bool = False):
+        self.label, self.quiet = label, quiet
+        self.t0 = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self.last_quarter = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.quiet or total < 256:
+            return
+        dt = time.perf_counter() - self.t0
+        line = f"{self.label}: {done}/{total} tokens ({100 * done // total}%), {done / max(dt, 1e-9):.0f} tok/s"
+        if self.tty:
+            print("\r" + line, end="\n" if done == total else "", file=sys.stderr, flush=True)
+        elif 4 * done // total > self.last_quarter:
+            self.last_quarter = 4 * done // total
+            print(line, file=sys.stderr, flush=True)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_pos", nargs="?", metavar="MODEL",
+                   help="GGUF file or model name from models.toml (default: smollm2-135m-instruct)")
+    p.add_argument("-m", "--model", help="same as MODEL")
+    p.add_argument("-c", "--ctx-size", type=int, default=8192, help="KV cache size in cells (default 8192)")
+    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
+    p.add_argument("-fa", "--flash-attn", action="store_true", help="use flash attention")
+    p.add_argument("-b", "--batch-size", type=int, default=512, help="tokens per decode call (default 512)")
+    p.add_argument("-n", "--n-predict", type=int, default=128, help="most tokens of the answer (default 128)")
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy, the default)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--no-chat", action="store_true",
+                   help="plain text instead of the model's chat template")
+    p.add_argument("--json", action="store_true", help="print the report and answer as JSON")
+    p.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's own logs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="llamakv",
+        description="Expected Attention KV-cache compression for llama.cpp GGUF models: prefill a long "
+                    "prompt, evict the KV cells future tokens will attend to least, keep generating.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser(
+        "compress", help="prefill a prompt, compress its KV cache, answer a question",
+        description="Prefill a prompt (a bundled sample document by default), compress the KV cache to "
+                    "(1 - ratio) of its cells with Expected Attention, then answer --question from the "
+                    "compressed cache. Example: llamakv compress model.gguf --ratio 0.5 -f report.txt "
+                    "--question 'Who signed it?'")
+    _add_model_args(c)
+    c.add_argument("-r", "--ratio", type=float, default=0.5,
+                   help="fraction of the prompt's cells to evict, in [0, 1) (default 0.5)")
+    src = c.add_mutually_exclusive_group()
+    src.add_argument("-p", "--prompt", help="the prompt text")
+    src.add_argument("-f", "--file", help="read the prompt from a file")
+    c.add_argument("-q", "--question", help="asked after compression (default with the sample "
+                                            "document: its sample question)")
+    c.add_argument("--save", metavar="PATH", help="save the compressed state here (reload with `llamakv ask`)")
+    c.add_argument("--method", default="expected_attention", choices=sorted(PRESSES), help="scoring method")
+    c.add_argument("--aggregation", default="mean", choices=AGGREGATIONS,
+                   help="how per-head scores become one score per cell (default mean)")
+    c.add_argument("--n-future", type=int, default=512, help="future positions RoPE is averaged over")
+    c.add_argument("--epsilon", type=float, default=0.01, help="added to attention before the value norm")
+    c.add_argument("--n-sink", type=int, default=4, help="first positions never evicted (default 4)")
+    c.add_argument("--full-covariance", action="store_true", help="full query covariance (default diagonal)")
+    c.add_argument("--no-compact", action="store_true",
+                   help="do not move kept cells together (n_kv, hence decode cost, stays as before)")
+
+    a = sub.add_parser("ask", help="load a state saved by `compress --save` and answer a question",
+                       description="Load a compressed state and answer a question from it.")
+    a.add_argument("state", help="file written by `llamakv compress --save`")
+    _add_model_args(a)
+    a.add_argument("-q", "--question", required=True, help="the question")
+
+    sub.add_parser("models", help="list the known models and where they are")
+    return ap
+
+
+def _open_session(args, *, n_sink: int = 4, full_covariance: bool = False):
+    from .session import KVSession
+
+    model = args.model or args.model_pos
+    return KVSession.from_model(model, n_ctx=args.ctx_size, n_gpu_layers=args.n_gpu_layers,
+                                n_threads=args.threads, flash_attn=args.flash_attn,
+                                n_batch=args.batch_size, seed=args.seed, verbose=args.verbose,
+                                n_sink=n_sink, full_covariance=full_covariance)
+
+
+def _split_prompt(session, context: str | None, chat: bool) -> tuple[str | None, str]:
+    """(text to prefill before compression, template for what follows: {question})"""
+    if chat and session.llama.metadata.get("tokenizer.chat_template"):
+        full = session.chat_prompt([{"role": "user", "content": (context or "") + "\n\n" + _SPLIT}])
+        before, after = full.split(_SPLIT)
+        return before, "{question}" + after
+    return context, "\n\nQuestion: {question}\nAnswer:"
+
+
+def _answer(session, template: str, question: str, args) -> str:
+    pieces = []
+    stream = not args.json and sys.stdout.isatty()
+    for piece in session.stream(template.format(question=question), max_tokens=args.n_predict,
+                                temperature=args.temp, seed=args.seed):
+        pieces.append(piece)
+        if stream:
+            print(piece, end="", flush=True)
+    if stream:
+        print()
+    return "".join(pieces).strip()
+
+
+def cmd_compress(args) -> int:
+    if not 0.0 <= args.ratio < 1.0:
+        raise LlamaKVError(f"--ratio must be in [0, 1), got {args.ratio}")
+    question = args.question
+    if args.prompt is not None:
+        context = args.prompt
+    elif args.file is not None:
+        if not os.path.isfile(args.file):
+            raise LlamaKVError(f"no such prompt file: {args.file}")
+        with open(args.file, encoding="utf-8", errors="replace") as f:
+            context = f.read()
+    else:
+        context = _data("sample_document.txt")
+        question = question or _data("sample_question.txt").strip()
+    if not context.strip():
+        raise LlamaKVError("the prompt is empty")
+
+    session = _open_session(args, n_sink=args.n_sink, full_covariance=args.full_covariance)
+    press = make_press(args.method, n_future_positions=args.n_future, epsilon=args.epsilon,
+                       full_covariance=args.full_covariance)
+    before, template = _split_prompt(session, context, not args.no_chat)
+    tokens = session.tokenize(before)
+    t0 = time.perf_counter()
+    session.prefill(tokens, progress=Progress("prefill", quiet=args.json))
+    prefill_s = time.perf_counter() - t0
+    report = session.compress(args.ratio, press=press, aggregation=args.aggregation,
+                              compact=not args.no_compact)
+    saved = None
+    if args.save:
+        saved = session.save(args.save, extra={"template": template})
+    if not args.json:
+        print(f"prompt        {len(tokens)} tokens, prefill {prefill_s:.1f} s "
+              f"({len(tokens) / prefill_s:.0f} tok/s)")
+        print(report.format())
+        if saved:
+            print(f"saved         {args.save} ({saved / 2**20:.1f} MiB)")
+    answer = None
+    if question:
+        if not args.json:
+            print(f"question      {question}")
+            print("answer        ", end="" if sys.stdout.isatty() else "\n", flush=True)
+        answer = _answer(session, template, question, args)
+        if not args.json and not sys.stdout.isatty():
+            print(answer)
+    if args.json:
+        print(json.dumps({"prompt_tokens": len(tokens), "prefill_s": prefill_s,
+                          "report": report.as_dict(), "question": question, "answer": answer,
+                          "saved": args.save}, indent=1))
+    return 0
+
+
+def cmd_ask(args) -> int:
+    session = _open_session(args)
+    extra = session.load(args.state)
+    loaded_cells = session.n_cells
+    template = extra.get("template") or "\n\nQuestion: {question}\nAnswer:"
+    answer = _answer(session, template, args.question, args)
+    if args.json:
+        print(json.dumps({"question": args.question, "answer": answer, "loaded_cells": loaded_cells}))
+    elif not sys.stdout.isatty():
+        print(answer)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "compress":
+            return cmd_compress(args)
+        if args.command == "ask":
+            return cmd_ask(args)
+        if args.command == "models":
+            print(describe_registry())
+            return 0
+    except (LlamaKVError, ValueError) as e:
+        print(f"llamakv: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

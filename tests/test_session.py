@@ -1,0 +1,169 @@
+"""Compression really frees llama.cpp cells, keeps answers, and survives save / load."""
+import math
+import struct
+
+import llama_cpp
+import numpy as np
+import pytest
+
+from llamakv import CacheFullError, KVSession, StateError
+from conftest import needle_prompt
+
+
+def state_positions(state: bytes) -> np.ndarray:
+    """Positions of the cells in a llama.cpp sequence state (independent parse of its header)."""
+    magic, _seq, n_stream = struct.unpack_from("<IiI", state, 0)
+    assert magic == 0xAF143CD8 and n_stream == 1
+    (n_cells,) = struct.unpack_from("<I", state, 12)
+    off, out = 16, []
+    for _ in range(n_cells):
+        pos, n_seq = struct.unpack_from("<iI", state, off)
+        off += 8 + 4 * n_seq
+        out.append(pos)
+    return np.array(out)
+
+
+@pytest.fixture(scope="module")
+def needle_session(session):
+    """The needle haystack prefilled once (chat template, question kept for after compression)."""
+    session.reset()
+    context, question, answer = needle_prompt()
+    full = session.chat_prompt([{"role": "user", "content": context + "\n\n\x00"}])
+    before, after = full.split("\x00")
+    session.prefill(before)
+    return session, session.snapshot(), question + after, answer
+
+
+def test_compress_half_frees_the_expected_cells(needle_session):
+    s, snap, _, _ = needle_session
+    s.restore(snap)
+    n, last = s.n_cells, s.next_pos - 1
+    size_before = s.cache.state_size()
+    n_kv_before = int(s.capture.n_kv.max())
+    report = s.compress(0.5)
+    n_compressible = n - s.n_sink - 1
+    expected = n - math.floor(0.5 * n_compressible)
+    assert report.cells_after == s.n_cells == expected
+    kept = state_positions(s.cache.get_state())
+    assert len(kept) == expected
+    np.testing.assert_array_equal(np.sort(kept), np.sort(s.capture.pos[:s.capture.n_rows]))
+    assert set(range(s.n_sink)) <= set(kept.tolist()) and last in kept  # sinks and newest kept
+    assert (s.cache.pos_min(), s.cache.pos_max()) == (0, last)
+    assert report.kv_bytes_after < 0.55 * size_before
+    assert report.evicted == n - expected and report.runs > 0
+    # decoding continues, at the next position, and attends over fewer cells after compaction
+    s.prefill(" The")
+    assert s.cache.pos_max() == last + 1
+    n_kv_after = int(s.capture.n_kv.max())
+    assert n_kv_after == 256 * math.ceil((expected + 1) / 256) < n_kv_before
+
+
+def test_without_compaction_n_kv_stays(needle_session):
+    s, snap, _, _ = needle_session
+    s.restore(snap)
+    s.prefill(" The")
+    n_kv_full = int(s.capture.n_kv.max())
+    s.restore(snap)
+    s.compress(0.5, compact=False)
+    s.prefill(" The")
+    assert int(s.capture.n_kv.max()) == n_kv_full
+
+
+def test_ratio_zero_keeps_greedy_output_identical(needle_session):
+    s, snap, suffix, _ = needle_session
+    s.restore(snap)
+    plain = s.generate(suffix, max_tokens=24)
+    s.restore(snap)
+    report = s.compress(0.0)
+    assert report.evicted == 0
+    assert s.generate(suffix, max_tokens=24) == plain
+
+
+def test_needle_retrieved_at_half(needle_session):
+    s, snap, suffix, answer = needle_session
+    s.restore(snap)
+    assert answer in s.generate(suffix, max_tokens=32), "the full cache must find the needle"
+    s.restore(snap)
+    s.compress(0.5)
+    assert answer in s.generate(suffix, max_tokens=32)
+
+
+def test_save_load_roundtrip_and_atomic_write(needle_session, tmp_path):
+    s, snap, suffix, _ = needle_session
+    s.restore(snap)
+    s.compress(0.5)
+    path = tmp_path / "state.npz"
+    s.save(path, extra={"note": "x"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.npz"]  # no temp file left
+    expected = s.generate(suffix, max_tokens=16)
+    s.reset()
+    assert s.load(path) == {"note": "x"}
+    assert s.generate(suffix, max_tokens=16) == expected
+    # a second compression of the loaded state works from the saved statistics and keys
+    report = s.compress(0.5)
+    assert report.cells_before > report.cells_after
+
+
+def test_generation_past_n_ctx_positions(tiny_gguf):
+    s = KVSession.from_model(tiny_gguf, n_ctx=512)
+    s.prefill(list(range(100, 500)))
+    s.compress(0.75)
+    out_tokens = 0
+    for _ in s.stream(max_tokens=300):
+        out_tokens += 1
+    assert s.next_pos > 512 + 100  # positions beyond n_ctx
+    assert s.cache.pos_max() == s.next_pos - 1
+    assert s.n_cells <= 512
+
+
+def test_wraps_an_existing_llama_with_one_context():
+    from llamakv.models import resolve_model
+
+    llama = llama_cpp.Llama(model_path=str(resolve_model(None)), n_ctx=1024, verbose=False)
+    old_ctx = llama._ctx.ctx
+    s = KVSession(llama)
+    assert llama._ctx.ctx is s.ctx and s.ctx is not old_ctx
+    s.prefill("Paris is the capital of France. " * 20)
+    assert s.capture.n_rows == s.n_cells > 0
+    assert s.compress(0.5).cells_after < s.n_cells + s.compress(0.0).evicted + 1000
+    llama.close()
+
+
+# -- bad input ------------------------------------------------------------------------------
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, float("nan")])
+def test_ratio_outside_range_is_refused(needle_session, ratio):
+    s, snap, _, _ = needle_session
+    s.restore(snap)
+    with pytest.raises(ValueError, match=r"ratio must be in \[0, 1\)"):
+        s.compress(ratio)
+    assert s.n_cells == snap.n_cells
+
+
+def test_empty_prompt_is_refused(fresh):
+    with pytest.raises(ValueError, match="empty prompt"):
+        fresh.prefill("")
+
+
+def test_prompt_larger_than_cache_loses_nothing(needle_session):
+    s, snap, suffix, _ = needle_session
+    s.restore(snap)
+    with pytest.raises(CacheFullError, match="free cells"):
+        s.prefill(list(range(1000, 1000 + s.free_cells + 1)))
+    assert s.n_cells == snap.n_cells
+    assert (s.cache.pos_min(), s.cache.pos_max()) == (0, snap.next_pos - 1)
+
+
+def test_state_of_another_model_is_refused(needle_session, tiny_gguf, tmp_path):
+    s, snap, _, _ = needle_session
+    other = KVSession.from_model(tiny_gguf, n_ctx=512)
+    other.prefill("a state of another model")
+    other.save(tmp_path / "other.npz")
+    s.restore(snap)
+    with pytest.raises(StateError, match="another model"):
+        s.load(tmp_path / "other.npz")
+    assert s.n_cells == snap.n_cells and s.cache.pos_max() == snap.next_pos - 1
+    (tmp_path / "junk.npz").write_bytes(b"not a state")
+    with pytest.raises(StateError, match="not a llamakv state"):
+        s.load(tmp_path / "junk.npz")
+    with pytest.raises(StateError, match="no saved state"):
+        s.load(tmp_path / "missing.npz")
