@@ -46,7 +46,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", help="same as MODEL")
     p.add_argument("-c", "--ctx-size", type=int, default=8192, help="KV cache size in cells (default 8192)")
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("-fa", "--flash-attn", action="store_true", help="use flash attention")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="tokens per decode call (default 512)")
     p.add_argument("-n", "--n-predict", type=int, default=128, help="most tokens of the answer (default 128)")

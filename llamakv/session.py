@@ -147,8 +147,9 @@ class KVSession:
         kwargs = dict(model_path=str(path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
                       n_batch=n_batch, n_ubatch=n_batch, flash_attn=flash_attn, seed=seed,
                       verbose=verbose)
-        if n_threads:
-            kwargs.update(n_threads=n_threads, n_threads_batch=n_threads)
+        # llama-cpp-python decodes on half the cores by default; llama.cpp uses them all
+        n_threads = n_threads or os.cpu_count() or 1
+        kwargs.update(n_threads=n_threads, n_threads_batch=n_threads)
         if type_k is not None:
             kwargs["type_k"] = type_k
         if type_v is not None:
