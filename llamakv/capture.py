@@ -113,6 +113,7 @@ class Capture:
         self._c.q_pending = -1
         self._c.v_pending = -1
         self._c.error = 0
+        self._c.capture_ns = 0
 
     # -- results ---------------------------------------------------------------------------
     @property

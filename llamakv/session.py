@@ -133,6 +133,7 @@ class KVSession:
         self.next_pos = 0       # position of the next token
         self.n_cells = 0        # cells this sequence holds
         self._has_logits = False
+        self._capture_mark = 0.0  # capture time already reported
         self.last_report: CompressionReport | None = None
 
     # -- construction ----------------------------------------------------------------------
@@ -314,8 +315,9 @@ class KVSession:
             cells_before=cells_before, cells_after=self.n_cells, evicted=len(evict_rows), runs=runs,
             kv_bytes_before=bytes_before, kv_bytes_after=self.cache.state_size(),
             unscored_cells=cells_before - len(pos), compacted=bool(compact and n_evict > 0),
-            capture_s=self.capture.capture_seconds, scoring_s=t1 - t0, eviction_s=t2 - t1,
+            capture_s=self.capture.capture_seconds - self._capture_mark, scoring_s=t1 - t0, eviction_s=t2 - t1,
             compaction_s=t3 - t2, n_kv_before=n_kv_before)
+        self._capture_mark = self.capture.capture_seconds
         return self.last_report
 
     # -- generation ------------------------------------------------------------------------
@@ -463,6 +465,7 @@ class KVSession:
         """Empty the sequence and forget everything captured."""
         self.cache.clear()
         self.capture.reset()
+        self._capture_mark = 0.0
         self.next_pos = 0
         self.n_cells = 0
         self._has_logits = False

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 SHAPES = {
     # name: layers, embd, heads, kv heads, ffn, head_dim

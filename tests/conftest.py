@@ -28,10 +28,25 @@ def session():
     s.close()
 
 
+@pytest.fixture(scope="session")
+def qwen_session():
+    s = KVSession.from_model("qwen2.5-coder-0.5b-instruct", n_ctx=2048, n_threads=2)
+    yield s
+    s.close()
+
+
 @pytest.fixture()
 def fresh(session):
     session.reset()
     return session
+
+
+@pytest.fixture(params=["session", "qwen_session"], ids=["llama", "qwen2"])
+def fresh_any(request):
+    """Each real test model (llama: SmolLM2-135M, qwen2: Qwen2.5-Coder-0.5B), emptied."""
+    s = request.getfixturevalue(request.param)
+    s.reset()
+    return s
 
 
 @pytest.fixture(scope="session")

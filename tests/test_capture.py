@@ -16,59 +16,60 @@ def probe_per_decode(session, name, op, tokens, chunk):
 
 
 @pytest.fixture()
-def text_tokens(fresh):
-    return fresh.tokenize("Compression of key-value caches lets long prompts fit in memory. " * 12)
+def text_tokens(fresh_any):
+    return fresh_any.tokenize("Compression of key-value caches lets long prompts fit in memory. " * 12)
 
 
-def test_rope_of_captured_query_reproduces_llama_cpp(fresh, text_tokens):
-    pre = probe_per_decode(fresh, f"Qcur-{LAYER}", "RESHAPE", text_tokens, 64)
-    fresh.reset()
-    post = probe_per_decode(fresh, f"Qcur-{LAYER}", "ROPE", text_tokens, 64)
-    assert pre.shape == post.shape == (len(text_tokens), fresh.n_head, fresh.head_dim)
-    rope = fresh.capture.rope(LAYER)
+def test_rope_of_captured_query_reproduces_llama_cpp(fresh_any, text_tokens):
+    pre = probe_per_decode(fresh_any, f"Qcur-{LAYER}", "RESHAPE", text_tokens, 64)
+    fresh_any.reset()
+    post = probe_per_decode(fresh_any, f"Qcur-{LAYER}", "ROPE", text_tokens, 64)
+    assert pre.shape == post.shape == (len(text_tokens), fresh_any.n_head, fresh_any.head_dim)
+    rope = fresh_any.capture.rope(LAYER)
+    assert rope.mode == {"llama": 0, "qwen2": 2}[fresh_any.architecture]  # NORM vs NEOX pairs
     rotated = rope.rotate(pre, np.arange(len(text_tokens)))
     assert np.abs(rotated - post).max() <= 1e-4 * np.abs(post).max() + 1e-5
     # and the rotation is not trivial: without it, the tensors differ
     assert np.abs(pre - post).max() > 0.1 * np.abs(post).max()
 
 
-def test_stored_keys_are_llama_cpp_keys_after_rope(fresh, text_tokens):
-    pre = probe_per_decode(fresh, f"Kcur-{LAYER}", "RESHAPE", text_tokens, 100)
+def test_stored_keys_are_llama_cpp_keys_after_rope(fresh_any, text_tokens):
+    pre = probe_per_decode(fresh_any, f"Kcur-{LAYER}", "RESHAPE", text_tokens, 100)
     n = len(text_tokens)
-    assert fresh.capture.n_rows == n
-    np.testing.assert_array_equal(fresh.capture.pos[:n], np.arange(n))
-    expected = fresh.capture.rope(LAYER).rotate(pre, np.arange(n))
-    stored = fresh.capture.keys[:n, LAYER].astype(np.float64)
+    assert fresh_any.capture.n_rows == n
+    np.testing.assert_array_equal(fresh_any.capture.pos[:n], np.arange(n))
+    expected = fresh_any.capture.rope(LAYER).rotate(pre, np.arange(n))
+    stored = fresh_any.capture.keys[:n, LAYER].astype(np.float64)
     assert np.abs(stored - expected).max() <= 2e-3 * np.abs(expected).max()
 
 
-def test_value_norms_match_captured_values(fresh, text_tokens):
-    v = probe_per_decode(fresh, f"Vcur-{LAYER}", "RESHAPE", text_tokens, 100)
+def test_value_norms_match_captured_values(fresh_any, text_tokens):
+    v = probe_per_decode(fresh_any, f"Vcur-{LAYER}", "RESHAPE", text_tokens, 100)
     n = len(text_tokens)
-    np.testing.assert_allclose(fresh.capture.vnorm[:n, LAYER], np.linalg.norm(v, axis=-1), rtol=1e-5)
+    np.testing.assert_allclose(fresh_any.capture.vnorm[:n, LAYER], np.linalg.norm(v, axis=-1), rtol=1e-5)
 
 
-def test_statistics_equal_numpy_over_several_decode_calls(fresh, text_tokens):
-    q = probe_per_decode(fresh, f"Qcur-{LAYER}", "RESHAPE", text_tokens, 37).astype(np.float64)
-    stats = fresh.capture.stats
-    rows = q[fresh.n_sink:]  # sinks are left out
+def test_statistics_equal_numpy_over_several_decode_calls(fresh_any, text_tokens):
+    q = probe_per_decode(fresh_any, f"Qcur-{LAYER}", "RESHAPE", text_tokens, 37).astype(np.float64)
+    stats = fresh_any.capture.stats
+    rows = q[fresh_any.n_sink:]  # sinks are left out
     assert stats.count[LAYER] == len(rows)
     np.testing.assert_allclose(stats.mean[LAYER], rows.mean(axis=0), rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(stats.variance()[LAYER], rows.var(axis=0), rtol=1e-9, atol=1e-9)
 
 
-def test_capture_switches_off_and_resets(fresh, text_tokens):
-    observed = fresh.capture.n_observed
-    fresh.capture.enabled = False
-    fresh.prefill(text_tokens[:50])
-    assert fresh.capture.n_observed == observed
-    assert fresh.capture.n_rows == 0 and fresh.capture.stats.count.sum() == 0
-    fresh.capture.enabled = True
-    fresh.prefill(text_tokens[50:100])
-    assert fresh.capture.n_rows == 50
-    assert (fresh.capture.stats.count == 50).all()
-    fresh.capture.reset()
-    assert fresh.capture.n_rows == 0 and fresh.capture.stats.count.sum() == 0
+def test_capture_switches_off_and_resets(fresh_any, text_tokens):
+    observed = fresh_any.capture.n_observed
+    fresh_any.capture.enabled = False
+    fresh_any.prefill(text_tokens[:50])
+    assert fresh_any.capture.n_observed == observed
+    assert fresh_any.capture.n_rows == 0 and fresh_any.capture.stats.count.sum() == 0
+    fresh_any.capture.enabled = True
+    fresh_any.prefill(text_tokens[50:100])
+    assert fresh_any.capture.n_rows == 50
+    assert (fresh_any.capture.stats.count == 50).all()
+    fresh_any.capture.reset()
+    assert fresh_any.capture.n_rows == 0 and fresh_any.capture.stats.count.sum() == 0
 
 
 def test_full_covariance_matches_numpy(tiny_gguf):

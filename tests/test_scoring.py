@@ -8,8 +8,9 @@ from llamakv.scoring import ExpectedAttention, aggregate
 from conftest import needle_prompt
 
 
-@pytest.fixture(scope="module")
-def prefilled(session):
+@pytest.fixture(scope="module", params=["session", "qwen_session"], ids=["llama", "qwen2"])
+def prefilled(request):
+    session = request.getfixturevalue(request.param)
     session.reset()
     context, _, _ = needle_prompt(n_repeats=25, at=10)
     session.prefill(context)
@@ -51,13 +52,14 @@ def reference_scores(session, layer, n_future, eps):
     return (a + eps) * inputs.vnorm[mask, layer].T
 
 
-@pytest.mark.parametrize("layer", [0, 13, 29])
-def test_scores_equal_numpy_reference(prefilled, layer):
+@pytest.mark.parametrize("where", [0.0, 0.5, 1.0])
+def test_scores_equal_numpy_reference(prefilled, where):
+    layer = round(where * (prefilled.n_layer - 1))
     press = ExpectedAttention(n_future_positions=64, epsilon=0.01)
     ours = press.score(prefilled.score_inputs())[layer]
     mask = prefilled.capture.pos[:prefilled.capture.n_rows] >= prefilled.n_sink
     ref = reference_scores(prefilled, layer, 64, 0.01)
-    np.testing.assert_allclose(ours[:, mask], ref, rtol=2e-4)
+    np.testing.assert_allclose(ours[:, mask], ref, rtol=1e-3)  # ours: float32 throughout
     assert np.isinf(ours[:, ~mask]).all()  # sinks are never candidates
 
 
@@ -73,7 +75,8 @@ def test_closed_form_matches_monte_carlo(prefilled):
     cov = R_bar @ np.diag(prefilled.capture.stats.variance()[layer, h]) @ R_bar.T
     rng = np.random.default_rng(0)
     q = rng.multivariate_normal(mu, cov, size=400_000)
-    keys = prefilled.capture.keys[:prefilled.capture.n_rows, layer, h // 3].astype(np.float64)
+    group = prefilled.n_head // prefilled.n_head_kv
+    keys = prefilled.capture.keys[:prefilled.capture.n_rows, layer, h // group].astype(np.float64)
     some = np.linspace(prefilled.n_sink, len(keys) - 1, 12).astype(int)
     mc = np.log(np.exp(q @ keys[some].T / math.sqrt(d)).mean(axis=0))
     np.testing.assert_allclose(z[some], mc, atol=0.02 + 0.01 * np.abs(mc).max())

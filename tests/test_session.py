@@ -170,3 +170,16 @@ def test_state_of_another_model_is_refused(needle_session, tiny_gguf, tmp_path):
         s.load(tmp_path / "junk.npz")
     with pytest.raises(StateError, match="no saved state"):
         s.load(tmp_path / "missing.npz")
+
+
+def test_qwen2_compress_and_continue(qwen_session):
+    s = qwen_session
+    s.reset()
+    s.prefill("def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n" * 10)
+    n, last = s.n_cells, s.next_pos - 1
+    report = s.compress(0.5)
+    assert report.cells_after == s.n_cells == n - (n - s.n_sink - 1) // 2
+    assert len(state_positions(s.cache.get_state())) == s.n_cells
+    assert (s.cache.pos_min(), s.cache.pos_max()) == (0, last)
+    assert s.generate("\ndef", max_tokens=8)
+    assert s.cache.pos_max() > last
