@@ -10,8 +10,9 @@ from llamakv import CacheFullError, KVSession, StateError
 from conftest import needle_prompt
 
 
-def state_positions(state: bytes) -> np.ndarray:
-    """Positions of the cells in a llama.cpp sequence state (independent parse of its header)."""
+def state_positions(state: bytes, with_v_trans: bool = False):
+    """Positions of the cells in a llama.cpp sequence state (independent parse of its header);
+    with_v_trans: also whether V is stored transposed (flash attention off)."""
     magic, _seq, n_stream = struct.unpack_from("<IiI", state, 0)
     assert magic == 0xAF143CD8 and n_stream == 1
     (n_cells,) = struct.unpack_from("<I", state, 12)
@@ -20,6 +21,9 @@ def state_positions(state: bytes) -> np.ndarray:
         pos, n_seq = struct.unpack_from("<iI", state, off)
         off += 8 + 4 * n_seq
         out.append(pos)
+    if with_v_trans:
+        (v_trans,) = struct.unpack_from("<I", state, off)
+        return np.array(out), v_trans
     return np.array(out)
 
 
@@ -44,7 +48,8 @@ def test_compress_half_frees_the_expected_cells(needle_session):
     n_compressible = n - s.n_sink - 1
     expected = n - math.floor(0.5 * n_compressible)
     assert report.cells_after == s.n_cells == expected
-    kept = state_positions(s.cache.get_state())
+    kept, v_trans = state_positions(s.cache.get_state(), with_v_trans=True)
+    assert v_trans == 1  # flash attention off: V transposed
     assert len(kept) == expected
     np.testing.assert_array_equal(np.sort(kept), np.sort(s.capture.pos[:s.capture.n_rows]))
     assert set(range(s.n_sink)) <= set(kept.tolist()) and last in kept  # sinks and newest kept
@@ -202,7 +207,8 @@ def test_flash_attention_cache_compresses_and_shrinks(tmp_path):
     n_kv_before = int(s.capture.n_kv.max())
     assert n_kv_before >= s.n_cells
     report = s.compress(0.5)
-    assert len(state_positions(s.cache.get_state())) == report.cells_after
+    kept, v_trans = state_positions(s.cache.get_state(), with_v_trans=True)
+    assert v_trans == 0 and len(kept) == report.cells_after
     s.prefill(" ok")
     assert int(s.capture.n_kv.max()) < n_kv_before
     n = s.n_cells
