@@ -251,10 +251,10 @@ class KVSession:
                 if rc == 1:
                     raise CacheFullError("llama.cpp found no free KV slot for the batch")
                 raise LlamaKVError(f"llama_decode failed with code {rc}")
-            self.capture.check()
             self.next_pos += m
             self.n_cells += m
             self._has_logits = True
+            self.capture.check()  # the tokens are in the cache either way
             done += m
             if progress:
                 progress(done, n)

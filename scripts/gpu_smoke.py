@@ -27,10 +27,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+# llamakv first: its import compiles the numba statistics cfuncs before llama_cpp (and with a
+# CUDA build, the CUDA libraries) is loaded. On the H100 machine, llama_cpp first crashed this
+# script with a segmentation fault during the imports (benchmarks/gpu_smoke.md).
+from llamakv import KVSession  # noqa: E402
 import llama_cpp  # noqa: E402
 import numpy as np  # noqa: E402
-
-from llamakv import KVSession  # noqa: E402
 
 
 def log(*a):
