@@ -3,7 +3,7 @@
  * llamakv_eval_callback is installed as llama.cpp's cb_eval (ggml-backend scheduler eval callback).
  * Per layer it observes three tensors of every ubatch:
  *   - the pre-RoPE query (`Qcur-N` as RESHAPE/VIEW, or `Qcur_normed-N` for QK-norm models),
- *     handed to the numba accumulator (`sink`) together with the token positions;
+ *     merged into running statistics per (layer, head, dimension) by merge_queries;
  *   - the value (`Vcur-N` as RESHAPE/VIEW), reduced to one L2 norm per head and token;
  *   - the key after RoPE (`Kcur-N` as ROPE), stored as fp16 rows; its src[1] gives the positions
  *     and its op_params / src[2] the model's own rope parameters.
@@ -144,13 +144,58 @@ static int read_f32(llamakv_capture * c, const struct ggml_tensor * t, float * d
     return ERR_NONE;
 }
 
-static void flush_query(llamakv_capture * c, int il) {
-    if (c->stats_enabled && c->sink) {
-        const int64_t per_layer = (int64_t) c->n_head * c->head_dim;
-        c->sink(c->q_stage, c->ubatch_n_tok, c->n_head, c->head_dim, c->pos_stage, c->n_sink,
-                c->q_count + il, c->q_mean + il * per_layer, c->q_m2 + il * per_layer,
-                c->q_cov ? c->q_cov + (int64_t) il * per_layer * c->head_dim : NULL);
+/* Merge the staged queries of layer il whose position is >= n_sink into that layer's statistics:
+ * Chan's parallel form of Welford's update. With n_a rows so far and a batch of n_b rows of mean
+ * m_b and M2_b (sum of squared deviations): delta = m_b - mean, mean += delta n_b / n,
+ * M2 += M2_b + delta^2 n_a n_b / n (and the same with outer products for the comoment). */
+static void merge_queries(llamakv_capture * c, int il) {
+    const int64_t n_tok = c->ubatch_n_tok, H = c->n_head, d = c->head_dim;
+    const float * q = c->q_stage;             /* [n_tok][H][d] */
+    const int32_t * pos = c->pos_stage;
+    int64_t n_b = 0;
+    for (int64_t t = 0; t < n_tok; ++t) n_b += pos[t] >= c->n_sink;
+    if (n_b == 0) return;
+    double * count = c->q_count + il;
+    const double n_a = *count, n = n_a + (double) n_b, w = n_a * (double) n_b / n;
+    double * mb = c->q_work, * dev = c->q_work + d;
+    for (int64_t h = 0; h < H; ++h) {
+        double * mean = c->q_mean + (il * H + h) * d;
+        double * m2 = c->q_m2 + (il * H + h) * d;
+        double * cov = c->q_cov ? c->q_cov + (il * H + h) * d * d : NULL;
+        for (int64_t j = 0; j < d; ++j) mb[j] = 0.0;
+        for (int64_t t = 0; t < n_tok; ++t) {
+            if (pos[t] < c->n_sink) continue;
+            const float * x = q + (t * H + h) * d;
+            for (int64_t j = 0; j < d; ++j) mb[j] += x[j];
+        }
+        for (int64_t j = 0; j < d; ++j) mb[j] /= (double) n_b;
+        for (int64_t t = 0; t < n_tok; ++t) {
+            if (pos[t] < c->n_sink) continue;
+            const float * x = q + (t * H + h) * d;
+            for (int64_t j = 0; j < d; ++j) {
+                dev[j] = x[j] - mb[j];
+                m2[j] += dev[j] * dev[j];
+            }
+            if (cov) {
+                for (int64_t i = 0; i < d; ++i)
+                    for (int64_t j = 0; j < d; ++j) cov[i * d + j] += dev[i] * dev[j];
+            }
+        }
+        for (int64_t j = 0; j < d; ++j) {
+            dev[j] = mb[j] - mean[j];
+            m2[j] += dev[j] * dev[j] * w;
+            mean[j] += dev[j] * (double) n_b / n;
+        }
+        if (cov) {
+            for (int64_t i = 0; i < d; ++i)
+                for (int64_t j = 0; j < d; ++j) cov[i * d + j] += dev[i] * dev[j] * w;
+        }
     }
+    *count = n;
+}
+
+static void flush_query(llamakv_capture * c, int il) {
+    if (c->stats_enabled) merge_queries(c, il);
     c->q_pending = -1;
 }
 

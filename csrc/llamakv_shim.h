@@ -1,10 +1,6 @@
 /* llamakv capture shim: the state shared between the C eval callback and Python (cffi).
  * Only plain C types here: cffi parses this file (preprocessor lines are stripped). */
 
-typedef void (*llamakv_query_sink)(const float * q, int64_t n_tok, int64_t n_head, int64_t head_dim,
-                                   const int32_t * pos, int32_t n_sink,
-                                   double * count, double * mean, double * m2, double * cov);
-
 typedef struct llamakv_capture {
     /* configuration, written by Python before decoding */
     int32_t n_layer, n_head, n_head_kv, head_dim;
@@ -22,7 +18,6 @@ typedef struct llamakv_capture {
     int32_t * pos;             /* [capacity] */
 
     /* query statistics, per layer (Welford / Chan: count, mean, M2; optional comoment) */
-    llamakv_query_sink sink;
     double * q_count;          /* [n_layer] */
     double * q_mean;           /* [n_layer][n_head][head_dim] */
     double * q_m2;             /* [n_layer][n_head][head_dim] */
@@ -46,6 +41,7 @@ typedef struct llamakv_capture {
     /* staging (allocated by Python) */
     float * q_stage;           /* [n_ubatch][n_head][head_dim] */
     float * v_stage;           /* [n_ubatch][n_head_kv]: value norms */
+    double * q_work;           /* [2 * head_dim]: per-head batch mean and deviation */
     float * kv_stage;          /* [n_ubatch][n_head_kv][head_dim]: keys or values being read */
     float * scratch;           /* [n_ubatch * (n_head + 2*n_head_kv) * head_dim]: strided reads */
     int32_t * pos_stage;       /* [n_ubatch] */

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import struct
 
 import llama_cpp
 import numpy as np
@@ -18,6 +19,53 @@ def position_runs(positions: np.ndarray) -> list[tuple[int, int]]:
     starts = np.concatenate(([p[0]], p[breaks + 1]))
     ends = np.concatenate((p[breaks], [p[-1]])) + 1
     return list(zip(starts.tolist(), ends.tolist()))
+
+
+STATE_MAGIC = 0xAF143CD8
+
+
+def drop_cells(state: bytes, evicted_positions: np.ndarray) -> bytes:
+    """Remove the cells holding `evicted_positions` from a sequence state blob
+    (llama_state_seq_get_data of one sequence, one stream, no per-cell extension), in host memory.
+
+    Layout (llama-context.cpp / llama-kv-cache.cpp): u32 magic, i32 seq_id, u32 n_stream,
+    u32 n_cells, per cell (i32 pos, u32 n_seq_id = 1, i32 seq_id), u32 v_trans, u32 n_layer,
+    per layer (i32 type, u64 row_bytes, n_cells rows) for K, then the same for V, or when V is
+    transposed per layer (i32 type, u32 elem_size, u32 n_embd, n_embd x n_cells elements).
+    Raises ValueError on any other layout.
+    """
+    buf = np.frombuffer(state, dtype=np.uint8)
+    magic, _seq, n_stream, n = struct.unpack_from("<IiII", state, 0)
+    if magic != STATE_MAGIC or n_stream != 1:
+        raise ValueError("not a single-stream sequence state")
+    off = 16
+    meta = buf[off:off + 12 * n].view(np.int32).reshape(n, 3) if n else np.zeros((0, 3), np.int32)
+    if len(meta) != n or (n and not (meta[:, 1] == 1).all()):
+        raise ValueError("cells shared by several sequences or with extensions")
+    keep = ~np.isin(meta[:, 0], evicted_positions)
+    out = [buf[:12], np.array([keep.sum()], dtype="<u4").view(np.uint8), meta[keep].reshape(-1).view(np.uint8)]
+    off += 12 * n
+    v_trans, n_layer = struct.unpack_from("<II", state, off)
+    out.append(buf[off:off + 8])
+    off += 8
+    for section in ("k", "v"):
+        for _ in range(n_layer):
+            if section == "v" and v_trans:
+                _t, el, n_embd = struct.unpack_from("<iII", state, off)
+                out.append(buf[off:off + 12])
+                off += 12
+                size = n_embd * n * el
+                out.append(buf[off:off + size].reshape(n_embd, n, el)[:, keep].reshape(-1))
+            else:
+                _t, row = struct.unpack_from("<iQ", state, off)
+                out.append(buf[off:off + 12])
+                off += 12
+                size = n * row
+                out.append(buf[off:off + size].reshape(n, row)[keep].reshape(-1))
+            off += size
+    if off != len(state):
+        raise ValueError(f"unexpected state layout ({off} of {len(state)} bytes parsed)")
+    return np.concatenate(out).tobytes()
 
 
 class SequenceCache:
@@ -60,15 +108,19 @@ class SequenceCache:
             raise RuntimeError(f"llama_state_seq_get_data wrote {written} of {size} bytes")
         return bytes(buf)
 
-    def set_state(self, data: bytes) -> None:
-        """Replace the sequence's cells by a saved state (cells placed contiguously from 0)."""
+    def set_state(self, data: bytes, fallback: bytes | None = None) -> None:
+        """Replace the sequence's cells by a saved state (cells placed contiguously from 0);
+        if llama.cpp refuses it, `fallback` is put back before raising."""
         self.clear()
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         if llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(data), self.seq_id) == 0:
+            if fallback is not None:
+                self.set_state(fallback)
             raise StateError("llama.cpp refused the saved sequence state (different model, cache "
                              "types or a context too small for it)")
 
     def compact(self) -> None:
-        """Move the sequence's cells to the bottom of the cache so that n_kv (the attention width,
-        padded highest used cell) shrinks: llama.cpp has no defragmentation any more."""
-        self.set_state(self.get_state())
+        """Move the sequence's cells to the bottom of the cache, so that n_kv (the attention
+        width: padded highest used cell) shrinks; llama.cpp has no defragmentation any more."""
+        state = self.get_state()
+        self.set_state(state, fallback=state)

@@ -36,6 +36,7 @@ class Capture:
         self._kv_stage = np.empty(n_ubatch * n_head_kv * head_dim, dtype=np.float32)
         self._scratch = np.empty(n_ubatch * (n_head + 2 * n_head_kv) * head_dim, dtype=np.float32)
         self._pos_stage = np.empty(n_ubatch, dtype=np.int32)
+        self._q_work = np.empty(2 * head_dim, dtype=np.float64)
         self._probe = None
 
         c = ffi.new("llamakv_capture *")
@@ -45,7 +46,6 @@ class Capture:
         c.n_sink = n_sink
         c.enabled = 1
         c.stats_enabled = 1
-        c.sink = ffi.cast("llamakv_query_sink", self.stats.sink_address)
         c.keys = self._ptr("uint16_t *", self.keys)
         c.vnorm = self._ptr("float *", self.vnorm)
         c.pos = self._ptr("int32_t *", self.pos)
@@ -63,6 +63,7 @@ class Capture:
         c.kv_stage = self._ptr("float *", self._kv_stage)
         c.scratch = self._ptr("float *", self._scratch)
         c.pos_stage = self._ptr("int32_t *", self._pos_stage)
+        c.q_work = self._ptr("double *", self._q_work)
         c.last_k_layer = -1
         c.q_pending = -1
         c.v_pending = -1

@@ -97,7 +97,7 @@ def main(argv=None) -> int:
         compress_s = rep.scoring_s + rep.eviction_s + rep.compaction_s
         rows.append((n, best, rep, compress_s, dec_full, dec_compact, dec_nocompact))
 
-    versions = f"llamakv 0.1.0, llama-cpp-python {metadata.version('llama_cpp_python')}, numba {metadata.version('numba')}"
+    versions = f"llamakv 0.1.0, llama-cpp-python {metadata.version('llama_cpp_python')}"
     print(f"# CPU benchmark\n\nModel `{path.name}`; {platform.processor() or platform.machine()}, "
           f"{args.threads} threads; {versions}; n_ctx {args.n_ctx}, batch 512, ratio {args.ratio}, "
           f"best of {args.repeat}.\n")

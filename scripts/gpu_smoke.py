@@ -27,12 +27,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# llamakv first: its import compiles the numba statistics cfuncs before llama_cpp (and with a
-# CUDA build, the CUDA libraries) is loaded. On the H100 machine, llama_cpp first crashed this
-# script with a segmentation fault during the imports (benchmarks/gpu_smoke.md).
-from llamakv import KVSession  # noqa: E402
+# llama_cpp before numpy: a CUDA build loaded after numpy segfaulted at model load on the H100
+# machine (benchmarks/gpu_smoke.md); llamakv imports llama_cpp first for the same reason.
 import llama_cpp  # noqa: E402
 import numpy as np  # noqa: E402
+
+from llamakv import KVSession  # noqa: E402
 
 
 def log(*a):
@@ -161,8 +161,8 @@ def main(argv=None) -> int:
             f"| GPU | {gpu_name()} |",
             f"| llama-cpp-python | {llama_cpp.__version__}, GPU offload supported: "
             f"{bool(llama_cpp.llama_supports_gpu_offload())} |",
-            f"| python / numpy / numba / cffi / gguf | {platform.python_version()} / {np.__version__} / "
-            f"{version('numba')} / {version('cffi')} / {version('gguf')} |",
+            f"| python / numpy / cffi / gguf | {platform.python_version()} / {np.__version__} / "
+            f"{version('cffi')} / {version('gguf')} |",
             f"| sessions | tested n_gpu_layers={args.ngl}, reference n_gpu_layers={args.ref_ngl}; "
             f"n_ctx {args.n_ctx}, n_ubatch {g.n_ubatch}, flash attention {args.flash_attn}; both loaded in {load_s:.2f} s |",
             f"| prompt | token ids {tokens[0]}..{tokens[-1]} ({len(tokens)} tokens) |",

@@ -216,3 +216,23 @@ def test_flash_attention_cache_compresses_and_shrinks(tmp_path):
     s.reset()
     s.load(tmp_path / "fa.npz")
     assert s.n_cells == n == len(state_positions(s.cache.get_state()))
+
+
+def test_host_side_eviction_equals_seq_rm_and_round_trip(needle_session):
+    """drop_cells (state edited on the host) leaves exactly the cache that llama.cpp's own
+    seq_rm followed by a save/restore round trip leaves."""
+    from llamakv.cache import drop_cells
+
+    s, snap, _, _ = needle_session
+    rng = np.random.default_rng(0)
+    evicted = np.sort(rng.choice(np.arange(s.n_sink, snap.next_pos - 1), size=700, replace=False))
+    s.restore(snap)
+    s.cache.evict(evicted)
+    s.cache.compact()
+    by_llama = s.cache.get_state()
+    s.restore(snap)
+    s.cache.set_state(drop_cells(s.cache.get_state(), evicted))
+    assert s.cache.get_state() == by_llama
+    assert len(state_positions(by_llama)) == snap.n_cells - 700
+    with pytest.raises(ValueError):
+        drop_cells(b"\x00" * 64, evicted)
