@@ -72,7 +72,7 @@ def build(verbose: bool = False) -> Path:
     """Compile the shim if no cached build matches; return the path of the shared library."""
     include_dir, lib_dir = _llama_cpp_dirs()
     cc = _compiler()
-    flags = ["-O2", "-shared", "-fPIC", "-std=c11", f"-I{include_dir}", f"-I{_SRC_DIR}"]
+    flags = ["-O3", "-shared", "-fPIC", "-std=c11", f"-I{include_dir}", f"-I{_SRC_DIR}"]
     libs = [f"-L{lib_dir}", "-lggml-base", f"-Wl,-rpath,{lib_dir}"]
     h = hashlib.sha256()
     h.update(metadata.version("llama_cpp_python").encode())

@@ -24,7 +24,11 @@ def position_runs(positions: np.ndarray) -> list[tuple[int, int]]:
 STATE_MAGIC = 0xAF143CD8
 
 
-def drop_cells(state: bytes, evicted_positions: np.ndarray) -> bytes:
+def _u8p(a: np.ndarray):
+    return a.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+
+
+def drop_cells(state: np.ndarray, evicted_positions: np.ndarray) -> np.ndarray:
     """Remove the cells holding `evicted_positions` from a sequence state blob
     (llama_state_seq_get_data of one sequence, one stream, no per-cell extension), in host memory.
 
@@ -35,6 +39,8 @@ def drop_cells(state: bytes, evicted_positions: np.ndarray) -> bytes:
     Raises ValueError on any other layout.
     """
     buf = np.frombuffer(state, dtype=np.uint8)
+    if len(buf) < 24:
+        raise ValueError("state too short")
     magic, _seq, n_stream, n = struct.unpack_from("<IiII", state, 0)
     if magic != STATE_MAGIC or n_stream != 1:
         raise ValueError("not a single-stream sequence state")
@@ -42,8 +48,8 @@ def drop_cells(state: bytes, evicted_positions: np.ndarray) -> bytes:
     meta = buf[off:off + 12 * n].view(np.int32).reshape(n, 3) if n else np.zeros((0, 3), np.int32)
     if len(meta) != n or (n and not (meta[:, 1] == 1).all()):
         raise ValueError("cells shared by several sequences or with extensions")
-    keep = ~np.isin(meta[:, 0], evicted_positions)
-    out = [buf[:12], np.array([keep.sum()], dtype="<u4").view(np.uint8), meta[keep].reshape(-1).view(np.uint8)]
+    keep = np.flatnonzero(~np.isin(meta[:, 0], evicted_positions))
+    out = [buf[:12], np.array([len(keep)], dtype="<u4").view(np.uint8), meta[keep].reshape(-1).view(np.uint8)]
     off += 12 * n
     v_trans, n_layer = struct.unpack_from("<II", state, off)
     out.append(buf[off:off + 8])
@@ -55,17 +61,20 @@ def drop_cells(state: bytes, evicted_positions: np.ndarray) -> bytes:
                 out.append(buf[off:off + 12])
                 off += 12
                 size = n_embd * n * el
-                out.append(buf[off:off + size].reshape(n_embd, n, el)[:, keep].reshape(-1))
+                if el not in (1, 2, 4):
+                    raise ValueError(f"V element size {el}")
+                elems = buf[off:off + size].view({1: np.uint8, 2: np.uint16, 4: np.uint32}[el])
+                out.append(np.take(elems.reshape(n_embd, n), keep, axis=1).reshape(-1).view(np.uint8))
             else:
                 _t, row = struct.unpack_from("<iQ", state, off)
                 out.append(buf[off:off + 12])
                 off += 12
                 size = n * row
-                out.append(buf[off:off + size].reshape(n, row)[keep].reshape(-1))
+                out.append(np.take(buf[off:off + size].reshape(n, row), keep, axis=0).reshape(-1))
             off += size
-    if off != len(state):
-        raise ValueError(f"unexpected state layout ({off} of {len(state)} bytes parsed)")
-    return np.concatenate(out).tobytes()
+    if off != len(buf):
+        raise ValueError(f"unexpected state layout ({off} of {len(buf)} bytes parsed)")
+    return np.concatenate(out)
 
 
 class SequenceCache:
@@ -100,20 +109,21 @@ class SequenceCache:
     def state_size(self) -> int:
         return llama_cpp.llama_state_seq_get_size(self.ctx, self.seq_id)
 
-    def get_state(self) -> bytes:
+    def get_state(self) -> np.ndarray:
+        """The sequence's state bytes (uint8 array)."""
         size = self.state_size()
-        buf = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, self.seq_id)
+        buf = np.empty(size, dtype=np.uint8)
+        written = llama_cpp.llama_state_seq_get_data(self.ctx, _u8p(buf), size, self.seq_id)
         if written != size:
             raise RuntimeError(f"llama_state_seq_get_data wrote {written} of {size} bytes")
-        return bytes(buf)
+        return buf
 
-    def set_state(self, data: bytes, fallback: bytes | None = None) -> None:
+    def set_state(self, data: np.ndarray, fallback: np.ndarray | None = None) -> None:
         """Replace the sequence's cells by a saved state (cells placed contiguously from 0);
         if llama.cpp refuses it, `fallback` is put back before raising."""
         self.clear()
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        if llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(data), self.seq_id) == 0:
+        data = np.ascontiguousarray(np.frombuffer(data, dtype=np.uint8))
+        if llama_cpp.llama_state_seq_set_data(self.ctx, _u8p(data), len(data), self.seq_id) == 0:
             if fallback is not None:
                 self.set_state(fallback)
             raise StateError("llama.cpp refused the saved sequence state (different model, cache "

@@ -40,7 +40,7 @@ _ROPE_ARRAYS = ("rope_params", "rope_factors", "rope_has_factors", "rope_seen")
 
 @dataclass
 class Snapshot:
-    llama_state: bytes
+    llama_state: np.ndarray  # uint8
     keys: np.ndarray
     vnorm: np.ndarray
     pos: np.ndarray
@@ -444,7 +444,7 @@ class KVSession:
         meta = {"magic": STATE_MAGIC, "version": STATE_VERSION, "model": self.fingerprint(),
                 "next_pos": snap.next_pos, "n_cells": snap.n_cells, "extra": extra or {}}
         arrays = dict(meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-                      llama_state=np.frombuffer(snap.llama_state, dtype=np.uint8),
+                      llama_state=snap.llama_state,
                       keys=snap.keys, vnorm=snap.vnorm, pos=snap.pos, **snap.stats, **snap.rope)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -480,7 +480,7 @@ class KVSession:
             raise StateError(f"{path} was saved from another model (saved vs loaded: {diff})")
         stats = {k: data[k] for k in ("q_count", "q_mean", "q_m2", "q_cov") if k in data}
         self.restore(Snapshot(
-            llama_state=data["llama_state"].tobytes(), keys=data["keys"], vnorm=data["vnorm"],
+            llama_state=data["llama_state"], keys=data["keys"], vnorm=data["vnorm"],
             pos=data["pos"], stats=stats, rope={k: data[k] for k in _ROPE_ARRAYS},
             next_pos=int(meta["next_pos"]), n_cells=int(meta["n_cells"])))
         return meta.get("extra", {})
