@@ -172,10 +172,11 @@ def cmd_compress(args) -> int:
     if question:
         if not args.json:
             print(f"question      {question}")
-            print("answer        ", end="" if sys.stdout.isatty() else "\n", flush=True)
+            if sys.stdout.isatty():
+                print("answer        ", end="", flush=True)  # streamed after the label
         answer = _answer(session, template, question, args)
         if not args.json and not sys.stdout.isatty():
-            print(answer)
+            print(f"answer        {answer}")
     if args.json:
         print(json.dumps({"prompt_tokens": len(tokens), "prefill_s": prefill_s,
                           "report": report.as_dict(), "question": question, "answer": answer,
