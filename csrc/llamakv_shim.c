@@ -23,8 +23,6 @@
 #include "ggml-backend.h"
 #include "llamakv_shim.h"
 
-#define LLAMAKV_SHIM_VERSION 1
-
 enum {
     ERR_NONE = 0,
     ERR_STORE_FULL = 1,
@@ -33,8 +31,6 @@ enum {
     ERR_BAD_TYPE = 4,
     ERR_LAYER = 5,
 };
-
-int32_t llamakv_shim_version(void) { return LLAMAKV_SHIM_VERSION; }
 
 /* ggml op number of an op name ("ROPE", "RESHAPE", ...), -1 if unknown: lets Python name ops */
 int32_t llamakv_op_code(const char * name) {

@@ -113,7 +113,6 @@ class Shim:
         self.ffi.cdef(
             "bool llamakv_eval_callback(void * tensor, bool ask, void * user_data);"
             "const char * llamakv_error_string(int32_t code);"
-            "int32_t llamakv_shim_version(void);"
             "int32_t llamakv_op_code(const char * name);"
         )
         self.path = path

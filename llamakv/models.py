@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -169,6 +168,3 @@ def describe_registry() -> str:
         lines.append(f"{name}{mark}: {e.description}\n    {where}")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    print(json.dumps({k: v.__dict__ for k, v in registry()[1].items()}, indent=1))

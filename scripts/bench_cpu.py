@@ -29,7 +29,7 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def plain_prefill(llama: llama_cpp.Llama, tokens: list[int], n_batch: int) -> float:
+def plain_prefill(llama: llama_cpp.Llama, tokens: list[int]) -> float:
     """Prefill with llama-cpp-python's own eval (no callback): seconds."""
     llama.reset()
     llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(llama._ctx.ctx), -1, -1, -1)
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         times = {"no callback": [], "capture off": [], "capture on": []}
         for r in range(args.repeat):
             log(f"[{n} tokens] prefill round {r + 1}/{args.repeat}")
-            times["no callback"].append(plain_prefill(plain, tokens, 512))
+            times["no callback"].append(plain_prefill(plain, tokens))
             times["capture off"].append(timed_prefill(s, tokens, False))
             times["capture on"].append(timed_prefill(s, tokens, True))
         best = {k: min(v) for k, v in times.items()}

@@ -34,6 +34,9 @@ import numpy as np  # noqa: E402
 
 from llamakv import KVSession  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cpu import plain_prefill, timed_prefill  # noqa: E402  the same timing on CPU and GPU
+
 
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
@@ -102,24 +105,6 @@ def gpu_name() -> str:
         return out.stdout.strip() or "none (nvidia-smi printed nothing)"
     except Exception as e:  # no nvidia-smi on a CPU machine
         return f"none ({type(e).__name__})"
-
-
-def prefill_seconds(s: KVSession, tokens: list[int], capture: bool) -> float:
-    s.reset()
-    s.capture.enabled = capture
-    t0 = time.perf_counter()
-    s.prefill(tokens)
-    dt = time.perf_counter() - t0
-    s.capture.enabled = True
-    return dt
-
-
-def plain_prefill_seconds(llama: llama_cpp.Llama, tokens: list[int]) -> float:
-    llama.reset()
-    llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(llama._ctx.ctx), -1, -1, -1)
-    t0 = time.perf_counter()
-    llama.eval(tokens)
-    return time.perf_counter() - t0
 
 
 def main(argv=None) -> int:
@@ -287,12 +272,12 @@ def main(argv=None) -> int:
                                 **({} if not args.threads else dict(n_threads=args.threads,
                                                                      n_threads_batch=args.threads)))
         res = {"capture on": [], "capture off (callback installed)": [], "no callback (plain Llama)": []}
-        prefill_seconds(g, btoks, True)  # warm-up
-        plain_prefill_seconds(plain, btoks)
+        timed_prefill(g, btoks, True)  # warm-up
+        plain_prefill(plain, btoks)
         for _ in range(args.repeat):
-            res["capture on"].append(prefill_seconds(g, btoks, True))
-            res["capture off (callback installed)"].append(prefill_seconds(g, btoks, False))
-            res["no callback (plain Llama)"].append(plain_prefill_seconds(plain, btoks))
+            res["capture on"].append(timed_prefill(g, btoks, True))
+            res["capture off (callback installed)"].append(timed_prefill(g, btoks, False))
+            res["no callback (plain Llama)"].append(plain_prefill(plain, btoks))
         g.reset()
         cap0 = g.capture.capture_seconds
         g.prefill(btoks)
