@@ -82,6 +82,9 @@ def test_ratio_zero_keeps_greedy_output_identical(needle_session):
     report = s.compress(0.0)
     assert report.evicted == 0
     assert s.generate(suffix, max_tokens=24) == plain
+    s.restore(snap)  # a stop string ends the text before it
+    assert "magic" in plain
+    assert s.generate(suffix, max_tokens=24, stop=["magic"]) == plain.split("magic")[0]
 
 
 def test_needle_retrieved_at_half(needle_session):
