@@ -160,10 +160,15 @@ def describe_registry() -> str:
     default, entries = registry()
     lines = []
     for name, e in entries.items():
-        try:
-            where = str(resolve_model(name))
-        except ModelError as err:
-            where = f"not available ({err})"
+        assembled = cache_dir() / "models" / f"{name}.gguf"
+        if len(e.files) > 1 and not assembled.exists():  # listing never assembles
+            have = sum(_package_file(p, f) is not None for p, f in zip(e.packages, e.files))
+            where = f"{have} of {len(e.files)} parts installed; assembled into {assembled} on first use"
+        else:
+            try:
+                where = str(resolve_model(name))
+            except ModelError as err:
+                where = f"not available ({err})"
         mark = " (default)" if name == default else ""
         lines.append(f"{name}{mark}: {e.description}\n    {where}")
     return "\n".join(lines)
