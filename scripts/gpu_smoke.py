@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 from llamakv import KVSession  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu import plain_prefill, timed_prefill  # noqa: E402  the same timing on CPU and GPU
+from bench import plain_prefill, timed_prefill  # noqa: E402  the same timing on CPU and GPU
 
 
 def log(*a):
