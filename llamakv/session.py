@@ -324,8 +324,8 @@ class KVSession:
         run; a state full of holes is read one element per run when V is transposed, which took
         8.6 s for 600 cells on an H100), the cells are dropped from it on the host and it is
         written back contiguously from cell 0. Otherwise, one seq_rm per run of positions."""
-        t0 = time.perf_counter()
         if compact:
+            t0 = time.perf_counter()
             state = self.cache.get_state()
             t1 = time.perf_counter()
             try:
@@ -421,12 +421,7 @@ class KVSession:
         if len(snap.pos) > self.n_ctx or snap.n_cells > self.n_ctx:
             raise StateError(f"the state holds {snap.n_cells} cells, more than n_ctx {self.n_ctx}")
         backup = self.cache.get_state() if self.n_cells else None
-        try:
-            self.cache.set_state(snap.llama_state)
-        except StateError:
-            if backup is not None:
-                self.cache.set_state(backup)
-            raise
+        self.cache.set_state(snap.llama_state, fallback=backup)
         self.capture.load_rows(snap.keys, snap.vnorm, snap.pos)
         self.capture.stats.restore(snap.stats)
         for k in _ROPE_ARRAYS:
