@@ -1,15 +1,18 @@
-/* llamakv capture shim.
+/* llamakv shim.
  *
  * llamakv_eval_callback is installed as llama.cpp's cb_eval (ggml-backend scheduler eval callback).
- * Per layer it observes three tensors of every ubatch:
- *   - the pre-RoPE query (`Qcur-N` as RESHAPE/VIEW, or `Qcur_normed-N` for QK-norm models),
- *     merged into running statistics per (layer, head, dimension) by merge_queries;
- *   - the value (`Vcur-N` as RESHAPE/VIEW), reduced to one L2 norm per head and token;
- *   - the key after RoPE (`Kcur-N` as ROPE), stored as fp16 rows; its src[1] gives the positions
- *     and its op_params / src[2] the model's own rope parameters.
- * Queries and values usually come before the key in a layer, so they are staged until the
- * key's positions are known. Everything runs on the decoding thread; no Python is involved.
- * Answering "no" costs a few string compares; the attention width (n_kv) is read in ask mode.
+ * It asks for one tensor per layer, the pre-RoPE query (`Qcur-N` as RESHAPE/VIEW, or
+ * `Qcur_normed-N` for QK-norm models), and copies only the rows it needs: the last `stats_rows`
+ * tokens of the ubatch are merged into running statistics per (layer, head, dimension), the last
+ * `window_rows` go to a ring of recent queries. Every asked-for node splits the graph and, on a
+ * GPU, costs a synchronisation, so nothing else is asked for: the rope parameters are read off
+ * the key's ROPE node and the attention width off the attention node while the scheduler only
+ * asks. Keys and values are not copied here: they are read from the cache state when scoring.
+ *
+ * The other functions are the kernels Python calls on a sequence state (rows of the K and V
+ * cache tensors): conversion to float, expected-attention logits, value norms and the gathers of
+ * compaction. They are serial and called per layer from Python threads (cffi releases the GIL);
+ * OpenMP spun badly on a loaded machine.
  */
 #define _POSIX_C_SOURCE 199309L
 #include <stdbool.h>
@@ -25,11 +28,11 @@
 
 enum {
     ERR_NONE = 0,
-    ERR_STORE_FULL = 1,
     ERR_UBATCH_TOO_LARGE = 2,
     ERR_BAD_SHAPE = 3,
     ERR_BAD_TYPE = 4,
     ERR_LAYER = 5,
+    ERR_NO_MEMORY = 6,
 };
 
 /* ggml op number of an op name ("ROPE", "RESHAPE", ...), -1 if unknown: lets Python name ops */
@@ -43,11 +46,11 @@ int32_t llamakv_op_code(const char * name) {
 const char * llamakv_error_string(int32_t code) {
     switch (code) {
         case ERR_NONE:             return "no error";
-        case ERR_STORE_FULL:       return "key store full (more cells than the context holds)";
         case ERR_UBATCH_TOO_LARGE: return "ubatch larger than the staging buffers";
         case ERR_BAD_SHAPE:        return "captured tensor has an unexpected shape";
-        case ERR_BAD_TYPE:         return "captured tensor is not F32";
+        case ERR_BAD_TYPE:         return "tensor type not supported";
         case ERR_LAYER:            return "layer index out of range";
+        case ERR_NO_MEMORY:        return "out of memory";
         default:                   return "unknown error";
     }
 }
@@ -70,40 +73,39 @@ static int layer_of(const char * name, const char * prefix) {
     return v;
 }
 
-enum kind { K_NONE, K_Q, K_K, K_V };
-
 static bool is_probe(const llamakv_capture * c, const struct ggml_tensor * t) {
     return c->probe_buf && c->probe_name[0] && t->op == (enum ggml_op) c->probe_op &&
            strcmp(t->name, c->probe_name) == 0;
 }
 
-static enum kind classify(const llamakv_capture * c, const struct ggml_tensor * t, int * layer) {
-    const char * name = t->name;
-    *layer = -1;
-    switch (name[0]) {
-        case 'Q':
-            if (c->q_normed) {
-                if ((*layer = layer_of(name, "Qcur_normed")) >= 0) return K_Q;
-            } else if (t->op == GGML_OP_RESHAPE || t->op == GGML_OP_VIEW) {
-                if ((*layer = layer_of(name, "Qcur")) >= 0) return K_Q;
-            }
-            break;
-        case 'K':
-            if (t->op == GGML_OP_ROPE && (*layer = layer_of(name, "Kcur")) >= 0) return K_K;
-            break;
-        case 'V':
-            if ((t->op == GGML_OP_RESHAPE || t->op == GGML_OP_VIEW) &&
-                (*layer = layer_of(name, "Vcur")) >= 0) return K_V;
-            break;
-    }
-    return K_NONE;
+/* layer of a pre-RoPE query node, -1 for any other node */
+static int query_layer(const llamakv_capture * c, const struct ggml_tensor * t) {
+    if (t->name[0] != 'Q') return -1;
+    if (c->q_normed) return layer_of(t->name, "Qcur_normed");
+    if (t->op == GGML_OP_RESHAPE || t->op == GGML_OP_VIEW) return layer_of(t->name, "Qcur");
+    return -1;
 }
 
-/* attention width, readable without computing anything */
-static void note_n_kv(llamakv_capture * c, const struct ggml_tensor * t) {
+/* What the scheduler shows while only asking: rope parameters and attention widths. */
+static void note_graph(llamakv_capture * c, const struct ggml_tensor * t) {
     int il;
+    if (t->op == GGML_OP_ROPE && t->name[0] == 'K' && (il = layer_of(t->name, "Kcur")) >= 0) {
+        if (il >= c->n_layer) return;
+        c->last_k_layer = il;
+        if (!c->rope_seen[il]) {
+            memcpy(c->rope_params + il * 16, t->op_params, 16 * sizeof(int32_t));
+            const struct ggml_tensor * ff = t->src[2];  /* a model weight: already there */
+            if (ff != NULL && ff->type == GGML_TYPE_F32 && ff->ne[0] >= c->head_dim / 2 && ff->buffer) {
+                ggml_backend_tensor_get(ff, c->rope_factors + (int64_t) il * (c->head_dim / 2), 0,
+                                        (c->head_dim / 2) * sizeof(float));
+                c->rope_has_factors[il] = 1;
+            }
+            c->rope_seen[il] = 1;
+        }
+        return;
+    }
     if (t->op == GGML_OP_FLASH_ATTN_EXT) {
-        /* unnamed per layer: it follows the key of its layer, which was just observed */
+        /* unnamed per layer: it follows the key of its layer */
         if (c->last_k_layer >= 0 && t->src[1] != NULL) c->n_kv[c->last_k_layer] = (int32_t) t->src[1]->ne[1];
         return;
     }
@@ -113,196 +115,316 @@ static void note_n_kv(llamakv_capture * c, const struct ggml_tensor * t) {
     }
 }
 
-/* Copy a F32 tensor of up to 4 dims into dst as a contiguous array. One device read: contiguous
- * tensors directly, views (fused QKV) through the span they cover, gathered on the host. */
-static int read_f32(llamakv_capture * c, const struct ggml_tensor * t, float * dst, int64_t dst_cap) {
+/* Copy tokens [r0, ne[2]) of a F32 tensor [ne0, ne1, ne2] into dst, contiguous. One device read:
+ * the span the rows cover (views of fused QKV are gathered on the host from scratch). */
+static int read_rows_f32(llamakv_capture * c, const struct ggml_tensor * t, int64_t r0, float * dst,
+                         int64_t dst_cap) {
     if (t->type != GGML_TYPE_F32) return ERR_BAD_TYPE;
-    const int64_t n = ggml_nelements(t);
-    if (n > dst_cap) return ERR_UBATCH_TOO_LARGE;
+    const int64_t n_rows = t->ne[2] - r0, per_row = t->ne[0] * t->ne[1];
+    if (n_rows * per_row > dst_cap) return ERR_UBATCH_TOO_LARGE;
+    if (n_rows <= 0) return ERR_NONE;
     if (ggml_is_contiguous(t)) {
-        ggml_backend_tensor_get(t, dst, 0, n * sizeof(float));
+        ggml_backend_tensor_get(t, dst, r0 * t->nb[2], n_rows * per_row * sizeof(float));
         return ERR_NONE;
     }
-    const size_t span = ggml_nbytes(t);
-    const int64_t scratch_cap = (int64_t) c->n_ubatch * (c->n_head + 2 * c->n_head_kv) * c->head_dim;
+    const size_t span = (n_rows - 1) * t->nb[2] + (t->ne[1] - 1) * t->nb[1] + t->ne[0] * t->nb[0];
+    const int64_t scratch_cap = (int64_t) c->n_ubatch * 3 * c->n_head * c->head_dim;
     if ((int64_t) (span / sizeof(float)) > scratch_cap) return ERR_UBATCH_TOO_LARGE;
-    ggml_backend_tensor_get(t, c->scratch, 0, span);
+    ggml_backend_tensor_get(t, c->scratch, r0 * t->nb[2], span);
     const char * base = (const char *) c->scratch;
     int64_t k = 0;
-    for (int64_t i3 = 0; i3 < t->ne[3]; ++i3)
-    for (int64_t i2 = 0; i2 < t->ne[2]; ++i2)
+    for (int64_t i2 = 0; i2 < n_rows; ++i2)
     for (int64_t i1 = 0; i1 < t->ne[1]; ++i1) {
-        const char * row = base + i3 * t->nb[3] + i2 * t->nb[2] + i1 * t->nb[1];
-        for (int64_t i0 = 0; i0 < t->ne[0]; ++i0) {
-            dst[k++] = *(const float *) (row + i0 * t->nb[0]);
-        }
+        const char * row = base + i2 * t->nb[2] + i1 * t->nb[1];
+        for (int64_t i0 = 0; i0 < t->ne[0]; ++i0) dst[k++] = *(const float *) (row + i0 * t->nb[0]);
     }
     return ERR_NONE;
 }
 
-/* Merge the staged queries of layer il whose position is >= n_sink into that layer's statistics:
+/* Merge queries q [n_tok][H][d] at positions pos0.. (those >= n_sink) into layer il's statistics:
  * Chan's parallel form of Welford's update. With n_a rows so far and a batch of n_b rows of mean
  * m_b and M2_b (sum of squared deviations): delta = m_b - mean, mean += delta n_b / n,
- * M2 += M2_b + delta^2 n_a n_b / n (and the same with outer products for the comoment). */
-static void merge_queries(llamakv_capture * c, int il) {
-    const int64_t n_tok = c->ubatch_n_tok, H = c->n_head, d = c->head_dim;
-    const float * q = c->q_stage;             /* [n_tok][H][d] */
-    const int32_t * pos = c->pos_stage;
-    int64_t n_b = 0;
-    for (int64_t t = 0; t < n_tok; ++t) n_b += pos[t] >= c->n_sink;
-    if (n_b == 0) return;
+ * M2 += M2_b + delta^2 n_a n_b / n (and the same with outer products for the comoment). The
+ * batch's mean and M2 come from sums and sums of squares in double, one pass over the rows. */
+static void merge_queries(llamakv_capture * c, int il, const float * q, int64_t n_tok, int64_t pos0) {
+    const int64_t H = c->n_head, d = c->head_dim, hd = H * d;
+    const int64_t skip = pos0 >= c->n_sink ? 0 : (c->n_sink - pos0 < n_tok ? c->n_sink - pos0 : n_tok);
+    const int64_t n_b = n_tok - skip;
+    if (n_b <= 0) return;
+    double * sum = c->q_work, * sq = c->q_work + hd;
+    for (int64_t j = 0; j < hd; ++j) sum[j] = sq[j] = 0.0;
+    for (int64_t t = skip; t < n_tok; ++t) {
+        const float * x = q + t * hd;
+        for (int64_t j = 0; j < hd; ++j) {
+            const double v = x[j];
+            sum[j] += v;
+            sq[j] += v * v;
+        }
+    }
     double * count = c->q_count + il;
     const double n_a = *count, n = n_a + (double) n_b, w = n_a * (double) n_b / n;
-    double * mb = c->q_work, * dev = c->q_work + d;
-    for (int64_t h = 0; h < H; ++h) {
-        double * mean = c->q_mean + (il * H + h) * d;
-        double * m2 = c->q_m2 + (il * H + h) * d;
-        double * cov = c->q_cov ? c->q_cov + (il * H + h) * d * d : NULL;
-        for (int64_t j = 0; j < d; ++j) mb[j] = 0.0;
-        for (int64_t t = 0; t < n_tok; ++t) {
-            if (pos[t] < c->n_sink) continue;
-            const float * x = q + (t * H + h) * d;
-            for (int64_t j = 0; j < d; ++j) mb[j] += x[j];
-        }
-        for (int64_t j = 0; j < d; ++j) mb[j] /= (double) n_b;
-        for (int64_t t = 0; t < n_tok; ++t) {
-            if (pos[t] < c->n_sink) continue;
-            const float * x = q + (t * H + h) * d;
-            for (int64_t j = 0; j < d; ++j) {
-                dev[j] = x[j] - mb[j];
-                m2[j] += dev[j] * dev[j];
+    double * mean = c->q_mean + il * hd, * m2 = c->q_m2 + il * hd, * delta = c->q_work + 2 * hd;
+    for (int64_t j = 0; j < hd; ++j) {
+        const double mb = sum[j] / (double) n_b;
+        const double m2b = sq[j] - sum[j] * mb;
+        delta[j] = mb - mean[j];
+        m2[j] += (m2b > 0.0 ? m2b : 0.0) + delta[j] * delta[j] * w;
+        mean[j] += delta[j] * (double) n_b / n;
+    }
+    if (c->q_cov) {
+        /* comoment per head (d x d): deviations from the batch mean, then Chan's correction */
+        for (int64_t h = 0; h < H; ++h) {
+            double * cov = c->q_cov + (il * H + h) * d * d;
+            const double * sh = sum + h * d, * dh = delta + h * d;
+            for (int64_t t = skip; t < n_tok; ++t) {
+                const float * x = q + t * hd + h * d;
+                for (int64_t i = 0; i < d; ++i) {
+                    const double di = x[i] - sh[i] / (double) n_b;
+                    for (int64_t j = 0; j < d; ++j) cov[i * d + j] += di * (x[j] - sh[j] / (double) n_b);
+                }
             }
-            if (cov) {
-                for (int64_t i = 0; i < d; ++i)
-                    for (int64_t j = 0; j < d; ++j) cov[i * d + j] += dev[i] * dev[j];
-            }
-        }
-        for (int64_t j = 0; j < d; ++j) {
-            dev[j] = mb[j] - mean[j];
-            m2[j] += dev[j] * dev[j] * w;
-            mean[j] += dev[j] * (double) n_b / n;
-        }
-        if (cov) {
             for (int64_t i = 0; i < d; ++i)
-                for (int64_t j = 0; j < d; ++j) cov[i * d + j] += dev[i] * dev[j] * w;
+                for (int64_t j = 0; j < d; ++j) cov[i * d + j] += dh[i] * dh[j] * w;
         }
     }
     *count = n;
 }
 
-static void flush_query(llamakv_capture * c, int il) {
-    if (c->stats_enabled) merge_queries(c, il);
-    c->q_pending = -1;
+static int32_t stats_rows_of(const llamakv_capture * c) {
+    if (!c->stats_enabled) return 0;
+    return c->stats_rows < c->ubatch_n_tok ? c->stats_rows : c->ubatch_n_tok;
 }
 
-static void flush_values(llamakv_capture * c, int il) {
-    const int32_t hk = c->n_head_kv;
-    for (int32_t i = 0; i < c->ubatch_n_tok; ++i) {
-        float * row = c->vnorm + ((int64_t) (c->ubatch_row0 + i) * c->n_layer + il) * hk;
-        memcpy(row, c->v_stage + (int64_t) i * hk, hk * sizeof(float));
-    }
-    c->v_pending = -1;
+static int32_t window_rows_of(const llamakv_capture * c) {
+    int32_t r = c->window_rows < c->ubatch_n_tok ? c->window_rows : c->ubatch_n_tok;
+    return r < c->window_cap ? r : c->window_cap;
 }
 
 static void observe_query(llamakv_capture * c, const struct ggml_tensor * t, int il) {
-    if (t->ne[0] != c->head_dim || t->ne[1] != c->n_head) { set_error(c, ERR_BAD_SHAPE); return; }
-    int err = read_f32(c, t, c->q_stage, (int64_t) c->n_ubatch * c->n_head * c->head_dim);
-    if (err) { set_error(c, err); return; }
-    c->q_pending = il;
-    /* the key of this layer may already have been seen in this ubatch (then positions are known) */
-    if (c->last_k_layer == il && c->ubatch_n_tok == t->ne[2]) flush_query(c, il);
-}
-
-static void observe_value(llamakv_capture * c, const struct ggml_tensor * t, int il) {
-    const int64_t d = t->ne[0], hk = t->ne[1], n_tok = t->ne[2];
-    if (hk != c->n_head_kv) { set_error(c, ERR_BAD_SHAPE); return; }
-    float * buf = c->kv_stage; /* values: [n_tok][hk][d] */
-    int err = read_f32(c, t, buf, (int64_t) c->n_ubatch * c->n_head_kv * c->head_dim);
-    if (err) { set_error(c, err); return; }
-    for (int64_t i = 0; i < n_tok * hk; ++i) {
-        const float * v = buf + i * d;
-        double s = 0.0;
-        for (int64_t j = 0; j < d; ++j) s += (double) v[j] * v[j];
-        c->v_stage[i] = (float) sqrt(s);
-    }
-    c->v_pending = il;
-    if (c->last_k_layer == il && c->ubatch_n_tok == n_tok) flush_values(c, il);
-}
-
-static void observe_key(llamakv_capture * c, const struct ggml_tensor * t, int il) {
-    const int64_t d = t->ne[0], hk = t->ne[1], n_tok = t->ne[2];
-    if (d != c->head_dim || hk != c->n_head_kv) { set_error(c, ERR_BAD_SHAPE); return; }
-    if (n_tok > c->n_ubatch) { set_error(c, ERR_UBATCH_TOO_LARGE); return; }
-
-    if (il <= c->last_k_layer || c->last_k_layer < 0) {
-        /* first layer of a new ubatch: positions and key-store rows */
-        const struct ggml_tensor * pos = t->src[1];
-        if (pos == NULL || pos->type != GGML_TYPE_I32 || pos->ne[0] < n_tok) { set_error(c, ERR_BAD_SHAPE); return; }
-        ggml_backend_tensor_get(pos, c->pos_stage, 0, n_tok * sizeof(int32_t));
-        if (c->n_rows + n_tok > c->capacity) { set_error(c, ERR_STORE_FULL); return; }
-        c->ubatch_row0 = c->n_rows;
-        c->ubatch_n_tok = (int32_t) n_tok;
-        c->n_rows += (int32_t) n_tok;
-        memcpy(c->pos + c->ubatch_row0, c->pos_stage, n_tok * sizeof(int32_t));
-    } else if (n_tok != c->ubatch_n_tok) {
+    const int64_t n_tok = t->ne[2], per_tok = (int64_t) c->n_head * c->head_dim;
+    if (t->ne[0] != c->head_dim || t->ne[1] != c->n_head || n_tok != c->ubatch_n_tok) {
         set_error(c, ERR_BAD_SHAPE);
         return;
     }
-    c->last_k_layer = il;
-
-    if (!c->rope_seen[il]) {
-        memcpy(c->rope_params + il * 16, t->op_params, 16 * sizeof(int32_t));
-        const struct ggml_tensor * ff = t->src[2];
-        if (ff != NULL && ff->type == GGML_TYPE_F32 && ff->ne[0] >= c->head_dim / 2) {
-            ggml_backend_tensor_get(ff, c->rope_factors + (int64_t) il * (c->head_dim / 2), 0,
-                                    (c->head_dim / 2) * sizeof(float));
-            c->rope_has_factors[il] = 1;
-        }
-        c->rope_seen[il] = 1;
-    }
-
-    float * buf = c->kv_stage;
-    int err = read_f32(c, t, buf, (int64_t) c->n_ubatch * c->n_head_kv * c->head_dim);
+    const int64_t rs = stats_rows_of(c), rw = window_rows_of(c);
+    const int64_t r = rs > rw ? rs : rw;
+    int err = read_rows_f32(c, t, n_tok - r, c->q_stage, (int64_t) c->n_ubatch * per_tok);
     if (err) { set_error(c, err); return; }
-    const int64_t per_tok = hk * d;
-    for (int64_t i = 0; i < n_tok; ++i) {
-        uint16_t * row = c->keys + ((int64_t) (c->ubatch_row0 + i) * c->n_layer + il) * per_tok;
-        ggml_fp32_to_fp16_row(buf + i * per_tok, (ggml_fp16_t *) row, per_tok);
+    if (rs > 0) merge_queries(c, il, c->q_stage + (r - rs) * per_tok, rs, c->ubatch_pos0 + n_tok - rs);
+    for (int64_t i = 0; i < rw; ++i) {
+        const int64_t slot = (c->window_head + i) % c->window_cap;
+        memcpy(c->window + ((int64_t) il * c->window_cap + slot) * per_tok,
+               c->q_stage + (r - rw + i) * per_tok, per_tok * sizeof(float));
     }
-    if (c->q_pending == il) flush_query(c, il);
-    if (c->v_pending == il) flush_values(c, il);
 }
 
 static void observe_probe(llamakv_capture * c, const struct ggml_tensor * t) {
-    int err = read_f32(c, t, c->probe_buf, c->probe_cap);
+    /* the whole tensor, flattened: dims above 2 folded into ne[2] for the row reader */
+    struct ggml_tensor view = *t;
+    view.ne[2] = t->ne[2] * t->ne[3];
+    view.ne[3] = 1;
+    if (t->ne[3] > 1 && !ggml_is_contiguous(t)) { set_error(c, ERR_BAD_SHAPE); return; }
+    int err = read_rows_f32(c, &view, 0, c->probe_buf, c->probe_cap);
     if (err) { set_error(c, err); return; }
     c->probe_n = ggml_nelements(t);
     for (int i = 0; i < 4; ++i) c->probe_ne[i] = t->ne[i];
 }
 
-bool llamakv_eval_callback(struct ggml_tensor * t, bool ask, void * user_data) {
+bool llamakv_eval_callback(void * tensor, bool ask, void * user_data) {
+    struct ggml_tensor * t = (struct ggml_tensor *) tensor;
     llamakv_capture * c = (llamakv_capture *) user_data;
     if (c == NULL || !c->enabled) return ask ? false : true;
-    int il;
-    enum kind k = classify(c, t, &il);
+    const int il = query_layer(c, t);
     const bool probe = is_probe(c, t);
     if (ask) {
-        if (k == K_NONE) note_n_kv(c, t);
-        return k != K_NONE || probe;
+        if (il < 0) note_graph(c, t);
+        const bool want_q = il >= 0 && (stats_rows_of(c) > 0 || window_rows_of(c) > 0);
+        return want_q || probe;
     }
     if (probe) observe_probe(c, t);
-    if (k == K_NONE) return true;
-    if (il < 0 || il >= c->n_layer) { set_error(c, ERR_LAYER); return true; }
+    if (il < 0) return true;
+    if (il >= c->n_layer) { set_error(c, ERR_LAYER); return true; }
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    switch (k) {
-        case K_Q: observe_query(c, t, il); break;
-        case K_K: observe_key(c, t, il);   break;
-        case K_V: observe_value(c, t, il); break;
-        default: break;
-    }
+    observe_query(c, t, il);
     clock_gettime(CLOCK_MONOTONIC, &t1);
     c->capture_ns += (int64_t) (t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);
     c->n_observed++;
     return true; /* false would only abandon the rest of the split */
+}
+
+/* ---- kernels on the cache state ------------------------------------------------------------- */
+
+static ggml_to_float_t to_float_of(int32_t type) {
+    if (type < 0 || type >= GGML_TYPE_COUNT) return NULL;
+    if (type == GGML_TYPE_F32) return NULL;
+    return ggml_get_type_traits((enum ggml_type) type)->to_float;
+}
+
+/* row -> float: F32 copied, other types through ggml's own dequantisation */
+static int row_to_float(const uint8_t * row, int32_t type, int64_t n, float * out) {
+    if (type == GGML_TYPE_F32) { memcpy(out, row, n * sizeof(float)); return 0; }
+    ggml_to_float_t f = to_float_of(type);
+    if (f == NULL) return ERR_BAD_TYPE;
+    f(row, out, n);
+    return 0;
+}
+
+static int check_type(int32_t type) {
+    return (type == GGML_TYPE_F32 || to_float_of(type) != NULL) ? 0 : ERR_BAD_TYPE;
+}
+
+int32_t llamakv_rows_to_float(const uint8_t * rows, int32_t type, int64_t row_bytes, int64_t n_rows,
+                              int64_t n_per_row, float * out) {
+    if (check_type(type)) return ERR_BAD_TYPE;
+    for (int64_t i = 0; i < n_rows; ++i) row_to_float(rows + i * row_bytes, type, n_per_row, out + i * n_per_row);
+    return 0;
+}
+
+/* dot product with 8 independent accumulators, so the compiler vectorises it without -ffast-math */
+static inline float dot(const float * a, const float * b, int32_t n) {
+    float acc[8] = {0};
+    int32_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int u = 0; u < 8; ++u) acc[u] += a[j + u] * b[j + u];
+    float s = 0.0f;
+    for (; j < n; ++j) s += a[j] * b[j];
+    for (int u = 0; u < 8; ++u) s += acc[u];
+    return s;
+}
+
+int32_t llamakv_ea_logits(const uint8_t * rows, int32_t type, int64_t row_bytes, int64_t n_cells,
+                          int32_t n_head, int32_t n_head_kv, int32_t head_dim,
+                          const float * w, const float * dq, const float * cp,
+                          const int32_t * pa, const int32_t * pb, int32_t n_pairs, float * z) {
+    if (check_type(type)) return ERR_BAD_TYPE;
+    const int64_t per_row = (int64_t) n_head_kv * head_dim;
+    const int32_t group = n_head / n_head_kv;
+    float * k = malloc((per_row + head_dim + n_pairs) * sizeof(float));
+    if (k == NULL) return ERR_NO_MEMORY;
+    float * kk = k + per_row, * kp = kk + head_dim;  /* squares and pair products of one head */
+    for (int64_t i = 0; i < n_cells; ++i) {
+        row_to_float(rows + i * row_bytes, type, per_row, k);
+        for (int32_t g = 0; g < n_head_kv; ++g) {
+            const float * kg = k + (int64_t) g * head_dim;
+            for (int32_t j = 0; j < head_dim; ++j) kk[j] = kg[j] * kg[j];
+            for (int32_t p = 0; p < n_pairs; ++p) kp[p] = kg[pa[p]] * kg[pb[p]];
+            for (int32_t h = g * group; h < (g + 1) * group; ++h) {
+                z[(int64_t) h * n_cells + i] = dot(kg, w + (int64_t) h * head_dim, head_dim) +
+                                               dot(kk, dq + (int64_t) h * head_dim, head_dim) +
+                                               dot(kp, cp + (int64_t) h * n_pairs, n_pairs);
+            }
+        }
+    }
+    free(k);
+    return 0;
+}
+
+int32_t llamakv_value_norms(const uint8_t * data, int32_t type, int64_t row_bytes, int64_t n_cells,
+                            int32_t n_head_kv, int32_t head_dim, int32_t transposed, float * out) {
+    if (check_type(type)) return ERR_BAD_TYPE;
+    const int64_t per_row = (int64_t) n_head_kv * head_dim;
+    if (!transposed) {
+        float * v = malloc(per_row * sizeof(float));
+        if (v == NULL) return ERR_NO_MEMORY;
+        for (int64_t i = 0; i < n_cells; ++i) {
+            row_to_float(data + i * row_bytes, type, per_row, v);
+            for (int32_t h = 0; h < n_head_kv; ++h) {
+                double s = 0.0;
+                for (int32_t j = 0; j < head_dim; ++j) s += (double) v[h * head_dim + j] * v[h * head_dim + j];
+                out[i * n_head_kv + h] = (float) sqrt(s);
+            }
+        }
+        free(v);
+        return 0;
+    }
+    /* transposed: row j holds dimension j of every cell */
+    float * v = malloc(n_cells * sizeof(float));
+    double * acc = malloc(n_cells * sizeof(double));
+    if (v == NULL || acc == NULL) { free(v); free(acc); return ERR_NO_MEMORY; }
+    for (int32_t h = 0; h < n_head_kv; ++h) {
+        for (int64_t i = 0; i < n_cells; ++i) acc[i] = 0.0;
+        for (int32_t j = 0; j < head_dim; ++j) {
+            row_to_float(data + (int64_t) (h * head_dim + j) * row_bytes, type, n_cells, v);
+            for (int64_t i = 0; i < n_cells; ++i) acc[i] += (double) v[i] * v[i];
+        }
+        for (int64_t i = 0; i < n_cells; ++i) out[i * n_head_kv + h] = (float) sqrt(acc[i]);
+    }
+    free(v);
+    free(acc);
+    return 0;
+}
+
+void llamakv_gather_rows(const uint8_t * src, uint8_t * dst, int64_t row_bytes, const int64_t * idx, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) memcpy(dst + i * row_bytes, src + idx[i] * row_bytes, row_bytes);
+}
+
+void llamakv_gather_cols(const uint8_t * src, uint8_t * dst, int64_t n_rows, int64_t n_cols, int64_t elem,
+                         const int64_t * idx, int64_t n_idx) {
+    for (int64_t r = 0; r < n_rows; ++r) {
+        const uint8_t * s = src + r * n_cols * elem;
+        uint8_t * d = dst + r * n_idx * elem;
+        switch (elem) {
+            case 2:
+                for (int64_t i = 0; i < n_idx; ++i) ((uint16_t *) d)[i] = ((const uint16_t *) s)[idx[i]];
+                break;
+            case 4:
+                for (int64_t i = 0; i < n_idx; ++i) ((uint32_t *) d)[i] = ((const uint32_t *) s)[idx[i]];
+                break;
+            default:
+                for (int64_t i = 0; i < n_idx; ++i) memcpy(d + i * elem, s + idx[i] * elem, elem);
+        }
+    }
+}
+
+/* ---- switching the callback on and off between decode calls --------------------------------- */
+
+/* llama.cpp hands the eval callback to its scheduler when it builds a graph (from the context's
+ * cparams), and with a callback installed the scheduler synchronises after every split, so the
+ * CPU no longer prepares the next ubatch while the GPU computes (measured: +14% prefill time on
+ * an H100 with nothing captured). To pay that only for the ubatches whose queries are wanted, the
+ * callback is switched in both places: the scheduler (llama_context::get_sched, exported by
+ * libllama) and the cparams copy, found once by its unique (callback, user data) pair. */
+typedef struct ggml_backend_sched * (*get_sched_fn)(const void * ctx);
+
+int64_t llamakv_find_callback_slot(const void * ctx, const void * cb, const void * ud) {
+    const char * p = (const char *) ctx;
+    int64_t found = -1;
+    for (int64_t off = 0; off + 16 <= 1024; off += 8) {
+        const void * a, * b;
+        memcpy(&a, p + off, sizeof a);
+        memcpy(&b, p + off + 8, sizeof b);
+        if (a == cb && b == ud) {
+            if (found >= 0) return -1;
+            found = off;
+        }
+    }
+    return found;
+}
+
+void llamakv_switch_callback(void * ctx, int64_t slot, void * get_sched, void * cb, void * ud) {
+    memcpy((char *) ctx + slot, &cb, sizeof cb);
+    memcpy((char *) ctx + slot + 8, &ud, sizeof ud);
+    ggml_backend_sched_set_eval_callback(((get_sched_fn) get_sched)(ctx), (ggml_backend_sched_eval_callback) cb, ud);
+}
+
+/* Pinned host memory from the first GPU's host buffer type (NULL without a GPU backend): device
+ * copies into it run at bus speed instead of through the driver's bounce buffers. */
+void * llamakv_pinned_alloc(size_t size, void ** handle) {
+    *handle = NULL;
+    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+        if (ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_GPU) continue;
+        ggml_backend_buffer_type_t buft = ggml_backend_dev_host_buffer_type(dev);
+        if (buft == NULL) continue;
+        ggml_backend_buffer_t buf = ggml_backend_buft_alloc_buffer(buft, size);
+        if (buf == NULL) return NULL;
+        *handle = buf;
+        return ggml_backend_buffer_get_base(buf);
+    }
+    return NULL;
+}
+
+void llamakv_pinned_free(void * handle) {
+    if (handle != NULL) ggml_backend_buffer_free((ggml_backend_buffer_t) handle);
 }

@@ -1,21 +1,21 @@
-/* llamakv capture shim: the state shared between the C eval callback and Python (cffi).
- * Only plain C types here: cffi parses this file (preprocessor lines are stripped). */
+/* llamakv shim: the state shared between the C eval callback and Python (cffi), and the kernels
+ * Python calls on the cache state. Only plain C types here: cffi parses this file (preprocessor
+ * lines and comments are stripped). */
 
 typedef struct llamakv_capture {
-    /* configuration, written by Python before decoding */
-    int32_t n_layer, n_head, n_head_kv, head_dim;
-    int32_t n_ubatch;          /* largest ubatch: sizes the staging buffers */
-    int32_t capacity;          /* rows of the key store */
+    /* configuration, written by Python */
+    int32_t n_layer, n_head, head_dim;
+    int32_t n_ubatch;          /* largest ubatch: sizes the staging buffer */
     int32_t q_normed;          /* 1: pre-RoPE query is `Qcur_normed-N` (QK-norm models) */
     int32_t n_sink;            /* positions below this are left out of the statistics */
-    int32_t enabled;           /* 0: the callback observes nothing */
-    int32_t stats_enabled;     /* 0: keys and values are still stored, queries not accumulated */
+    int32_t enabled;           /* 0: the callback observes nothing (and splits no graph) */
+    int32_t stats_enabled;     /* 0: queries are not accumulated */
+    int32_t stats_rows;        /* queries of the last stats_rows tokens of each ubatch are used */
 
-    /* key store, one row per captured token (written by the callback, compacted by Python) */
-    int32_t n_rows;
-    uint16_t * keys;           /* [capacity][n_layer][n_head_kv][head_dim], fp16, after RoPE */
-    float * vnorm;             /* [capacity][n_layer][n_head_kv], L2 norm of each value head */
-    int32_t * pos;             /* [capacity] */
+    /* the ubatch being decoded, written by Python before each llama_decode */
+    int32_t ubatch_pos0;       /* position of its first token (positions are consecutive) */
+    int32_t ubatch_n_tok;
+    int32_t window_rows;       /* its last window_rows queries go to the window ring */
 
     /* query statistics, per layer (Welford / Chan: count, mean, M2; optional comoment) */
     double * q_count;          /* [n_layer] */
@@ -23,12 +23,18 @@ typedef struct llamakv_capture {
     double * q_m2;             /* [n_layer][n_head][head_dim] */
     double * q_cov;            /* [n_layer][n_head][head_dim][head_dim] or NULL */
 
+    /* ring of the most recent pre-RoPE queries (attention-based presses) */
+    float * window;            /* [n_layer][window_cap][n_head][head_dim] */
+    int32_t window_cap;
+    int32_t window_head;       /* ring slot of the ubatch's first window row (Python advances it) */
+
     /* what the graph tells us */
     int32_t * rope_params;     /* [n_layer][16]: the K ROPE node's op_params */
     float * rope_factors;      /* [n_layer][head_dim/2]: the ROPE node's frequency factors */
     int32_t * rope_has_factors;/* [n_layer] */
     int32_t * rope_seen;       /* [n_layer] */
     int32_t * n_kv;            /* [n_layer]: width of the last attention (cells attended) */
+    int32_t last_k_layer;      /* layer of the last K ROPE node seen, -1 before the first */
 
     /* optional probe: copy the F32 tensor with this name and op (tests, debugging) */
     char probe_name[64];
@@ -40,20 +46,45 @@ typedef struct llamakv_capture {
 
     /* staging (allocated by Python) */
     float * q_stage;           /* [n_ubatch][n_head][head_dim] */
-    float * v_stage;           /* [n_ubatch][n_head_kv]: value norms */
-    double * q_work;           /* [2 * head_dim]: per-head batch mean and deviation */
-    float * kv_stage;          /* [n_ubatch][n_head_kv][head_dim]: keys or values being read */
-    float * scratch;           /* [n_ubatch * (n_head + 2*n_head_kv) * head_dim]: strided reads */
-    int32_t * pos_stage;       /* [n_ubatch] */
+    float * scratch;           /* [n_ubatch * 3 * n_head * head_dim]: strided reads of fused QKV */
+    double * q_work;           /* [3 * n_head * head_dim] */
 
-    /* progress of the current ubatch */
-    int32_t last_k_layer;      /* layer of the last K seen, -1 before the first */
-    int32_t ubatch_row0;       /* first key-store row of the current ubatch */
-    int32_t ubatch_n_tok;
-    int32_t q_pending;         /* layer whose staged query waits for its positions, -1 if none */
-    int32_t v_pending;
     int64_t n_observed;        /* tensors copied so far */
     int64_t capture_ns;        /* time spent copying and accumulating */
     int32_t error;             /* first error, 0 if none; see llamakv_error_string */
 } llamakv_capture;
 
+bool llamakv_eval_callback(void * tensor, bool ask, void * user_data);
+const char * llamakv_error_string(int32_t code);
+int32_t llamakv_op_code(const char * name);
+
+/* Rows of a cache tensor (one per cell, `row_bytes` each, ggml type `type`) to float32. */
+int32_t llamakv_rows_to_float(const uint8_t * rows, int32_t type, int64_t row_bytes, int64_t n_rows,
+                              int64_t n_per_row, float * out);
+
+/* Expected-attention logits of one layer: for query head h and cell i, with k the cell's key
+ * (head h / group) as float, z[h][i] = sum_j k_j (w[h][j] + dq[h][j] k_j) + sum_p c[h][p] k_pa[p] k_pb[p]. */
+int32_t llamakv_ea_logits(const uint8_t * rows, int32_t type, int64_t row_bytes, int64_t n_cells,
+                          int32_t n_head, int32_t n_head_kv, int32_t head_dim,
+                          const float * w, const float * dq, const float * c,
+                          const int32_t * pa, const int32_t * pb, int32_t n_pairs, float * z);
+
+/* L2 norm of each value head of each cell: out [n_cells][n_head_kv]. V as rows (one per cell)
+ * or transposed (one row of n_cells elements per dimension, `row_bytes` apart). */
+int32_t llamakv_value_norms(const uint8_t * data, int32_t type, int64_t row_bytes, int64_t n_cells,
+                            int32_t n_head_kv, int32_t head_dim, int32_t transposed, float * out);
+
+/* dst[i] = src[idx[i]] for rows of row_bytes bytes. */
+void llamakv_gather_rows(const uint8_t * src, uint8_t * dst, int64_t row_bytes, const int64_t * idx, int64_t n);
+
+/* Columns idx of a [n_rows][n_cols] matrix of elem-byte elements into [n_rows][n_idx]. */
+void llamakv_gather_cols(const uint8_t * src, uint8_t * dst, int64_t n_rows, int64_t n_cols, int64_t elem,
+                         const int64_t * idx, int64_t n_idx);
+
+/* Switching the callback between decode calls (see the .c file). */
+int64_t llamakv_find_callback_slot(const void * ctx, const void * cb, const void * ud);
+void llamakv_switch_callback(void * ctx, int64_t slot, void * get_sched, void * cb, void * ud);
+
+/* Pinned host memory of the first GPU, NULL if there is none. */
+void * llamakv_pinned_alloc(size_t size, void ** handle);
+void llamakv_pinned_free(void * handle);

@@ -1,4 +1,4 @@
-"""Build (once, cached) and load the C capture shim against the installed llama-cpp-python.
+"""Build (once, cached) and load the C shim against the installed llama-cpp-python.
 
 The shim is compiled from `csrc/` with the system C compiler, against the headers and shared
 libraries that llama-cpp-python installed (`site-packages/include`, `llama_cpp/lib`), so llama.cpp
@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 
 import cffi
+import numpy as np
 
 from .errors import ShimBuildError
 
@@ -68,12 +69,29 @@ def _header_cdef() -> str:
     return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
 
 
+def _compile(cc: str, flags: list[str], libs: list[str], out_dir: Path, verbose: bool) -> tuple[Path | None, str]:
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
+    os.close(fd)
+    cmd = [cc, *flags, str(_SRC_DIR / "llamakv_shim.c"), "-o", tmp, *libs]
+    if verbose:
+        print("llamakv: building the C shim:", " ".join(cmd), file=sys.stderr)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:
+        os.unlink(tmp)
+        raise ShimBuildError(f"could not run the C compiler {cc!r}: {e}") from e
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        return None, f"{' '.join(cmd)}\n{proc.stderr}"
+    return Path(tmp), ""
+
+
 def build(verbose: bool = False) -> Path:
     """Compile the shim if no cached build matches; return the path of the shared library."""
     include_dir, lib_dir = _llama_cpp_dirs()
     cc = _compiler()
     flags = ["-O3", "-shared", "-fPIC", "-std=c11", f"-I{include_dir}", f"-I{_SRC_DIR}"]
-    libs = [f"-L{lib_dir}", "-lggml-base", f"-Wl,-rpath,{lib_dir}"]
+    libs = [f"-L{lib_dir}", "-lggml-base", "-lggml", f"-Wl,-rpath,{lib_dir}"]
     h = hashlib.sha256()
     h.update(metadata.version("llama_cpp_python").encode())
     h.update(str(lib_dir).encode())
@@ -85,21 +103,9 @@ def build(verbose: bool = False) -> Path:
     if lib.exists():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
-    os.close(fd)
-    cmd = [cc, *flags, str(_SRC_DIR / "llamakv_shim.c"), "-o", tmp, *libs]
-    if verbose:
-        print("llamakv: building the capture shim:", " ".join(cmd), file=sys.stderr)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    except OSError as e:
-        os.unlink(tmp)
-        raise ShimBuildError(f"could not run the C compiler {cc!r}: {e}") from e
-    if proc.returncode != 0:
-        os.unlink(tmp)
-        raise ShimBuildError(
-            f"compiling the capture shim failed (exit {proc.returncode}):\n{' '.join(cmd)}\n{proc.stderr}"
-        )
+    tmp, err = _compile(cc, flags, libs, out_dir, verbose)
+    if tmp is None:
+        raise ShimBuildError(f"compiling the llamakv C shim failed:\n{err}")
     os.replace(tmp, lib)  # atomic: concurrent builders never load a half-written file
     return lib
 
@@ -110,11 +116,6 @@ class Shim:
     def __init__(self, path: Path):
         self.ffi = cffi.FFI()
         self.ffi.cdef(_header_cdef())
-        self.ffi.cdef(
-            "bool llamakv_eval_callback(void * tensor, bool ask, void * user_data);"
-            "const char * llamakv_error_string(int32_t code);"
-            "int32_t llamakv_op_code(const char * name);"
-        )
         self.path = path
         self.lib = self.ffi.dlopen(str(path))
         self.callback_address = int(self.ffi.cast("uintptr_t", self.ffi.addressof(self.lib, "llamakv_eval_callback")))
@@ -135,3 +136,55 @@ def load(verbose: bool = False) -> Shim:
         if _LOADED is None:
             _LOADED = Shim(build(verbose))
         return _LOADED
+
+
+_POOL = None
+
+
+def parallel_map(fn, items) -> list:
+    """fn over items on a pool of threads (one per core): the shim's kernels and most numpy work
+    release the GIL, so per-layer work runs in parallel."""
+    global _POOL
+    items = list(items)
+    if len(items) <= 1 or (os.cpu_count() or 1) == 1:
+        return [fn(x) for x in items]
+    with _LOCK:
+        if _POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
+            _POOL = ThreadPoolExecutor(max_workers=os.cpu_count(), thread_name_prefix="llamakv")
+    return list(_POOL.map(fn, items))
+
+
+class HostBuffer:
+    """A reusable host buffer that grows on demand: pinned memory of the GPU when llama.cpp has a
+    GPU backend (device copies into it run at bus speed), ordinary memory otherwise."""
+
+    def __init__(self):
+        self._handle = None
+        self._array = np.empty(0, dtype=np.uint8)
+        self.pinned = False
+
+    def view(self, size: int) -> np.ndarray:
+        if size > len(self._array):
+            self.free()
+            shim = load()
+            handle = shim.ffi.new("void **")
+            ptr = shim.lib.llamakv_pinned_alloc(size, handle)
+            if ptr != shim.ffi.NULL:
+                self._handle = handle[0]
+                self._array = np.frombuffer(shim.ffi.buffer(ptr, size), dtype=np.uint8)
+                self.pinned = True
+            else:
+                self._array = np.empty(size, dtype=np.uint8)
+                self.pinned = False
+        return self._array[:size]
+
+    def free(self) -> None:
+        self._array = np.empty(0, dtype=np.uint8)
+        if self._handle is not None:
+            load().lib.llamakv_pinned_free(self._handle)
+            self._handle = None
+
+    def __del__(self):
+        if _LOADED is not None:
+            self.free()

@@ -1,12 +1,14 @@
-"""Operations on llama.cpp's KV cache for one sequence: eviction, compaction, state bytes."""
+"""Operations on llama.cpp's KV cache for one sequence: state bytes parsed, eviction, compaction."""
 from __future__ import annotations
 
 import ctypes
 import struct
+from dataclasses import dataclass
 
 import llama_cpp
 import numpy as np
 
+from . import _shim
 from .errors import StateError
 
 
@@ -28,53 +30,130 @@ def _u8p(a: np.ndarray):
     return a.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
 
 
-def drop_cells(state: np.ndarray, evicted_positions: np.ndarray) -> np.ndarray:
-    """Remove the cells holding `evicted_positions` from a sequence state blob
-    (llama_state_seq_get_data of one sequence, one stream, no per-cell extension), in host memory.
+def _cptr(ctype: str, a: np.ndarray):
+    shim = _shim.load()
+    assert a.flags.c_contiguous
+    return shim.ffi.cast(ctype, a.ctypes.data)
+
+
+@dataclass
+class LayerTensor:
+    """One layer's K or V in a sequence state: `data` is [n_cells, row_bytes] (one row per
+    cell) or, for transposed V, [n_embd, n_cells * elem] (one row per dimension)."""
+    type: int
+    header: np.ndarray      # the 12 bytes before the data
+    data: np.ndarray        # uint8, 2-d view into the state
+    transposed: bool
+    elem: int = 0           # bytes per element (transposed V)
+
+    @property
+    def row_bytes(self) -> int:
+        return self.data.shape[1]
+
+
+@dataclass
+class SeqState:
+    """A parsed llama_state_seq_get_data blob of one sequence (one stream, no per-cell extension).
 
     Layout (llama-context.cpp / llama-kv-cache.cpp): u32 magic, i32 seq_id, u32 n_stream,
     u32 n_cells, per cell (i32 pos, u32 n_seq_id = 1, i32 seq_id), u32 v_trans, u32 n_layer,
     per layer (i32 type, u64 row_bytes, n_cells rows) for K, then the same for V, or when V is
     transposed per layer (i32 type, u32 elem_size, u32 n_embd, n_embd x n_cells elements).
-    Raises ValueError on any other layout.
     """
-    buf = np.frombuffer(state, dtype=np.uint8)
-    if len(buf) < 24:
-        raise ValueError("state too short")
-    magic, _seq, n_stream, n = struct.unpack_from("<IiII", state, 0)
-    if magic != STATE_MAGIC or n_stream != 1:
-        raise ValueError("not a single-stream sequence state")
-    off = 16
-    meta = buf[off:off + 12 * n].view(np.int32).reshape(n, 3) if n else np.zeros((0, 3), np.int32)
-    if len(meta) != n or (n and not (meta[:, 1] == 1).all()):
-        raise ValueError("cells shared by several sequences or with extensions")
-    keep = np.flatnonzero(~np.isin(meta[:, 0], evicted_positions))
-    out = [buf[:12], np.array([len(keep)], dtype="<u4").view(np.uint8), meta[keep].reshape(-1).view(np.uint8)]
-    off += 12 * n
-    v_trans, n_layer = struct.unpack_from("<II", state, off)
-    out.append(buf[off:off + 8])
-    off += 8
-    for section in ("k", "v"):
-        for _ in range(n_layer):
-            if section == "v" and v_trans:
-                _t, el, n_embd = struct.unpack_from("<iII", state, off)
-                out.append(buf[off:off + 12])
-                off += 12
-                size = n_embd * n * el
-                if el not in (1, 2, 4):
-                    raise ValueError(f"V element size {el}")
-                elems = buf[off:off + size].view({1: np.uint8, 2: np.uint16, 4: np.uint32}[el])
-                out.append(np.take(elems.reshape(n_embd, n), keep, axis=1).reshape(-1).view(np.uint8))
-            else:
-                _t, row = struct.unpack_from("<iQ", state, off)
-                out.append(buf[off:off + 12])
-                off += 12
-                size = n * row
-                out.append(np.take(buf[off:off + size].reshape(n, row), keep, axis=0).reshape(-1))
+    buf: np.ndarray
+    pos: np.ndarray         # [n_cells] int32, in cell order
+    cell_meta: np.ndarray   # [n_cells, 3] int32
+    v_trans: bool
+    k: list[LayerTensor]
+    v: list[LayerTensor]
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.pos)
+
+    @classmethod
+    def parse(cls, state: np.ndarray) -> "SeqState":
+        """Raises ValueError on any other layout."""
+        buf = np.frombuffer(state, dtype=np.uint8)
+        if len(buf) < 24:
+            raise ValueError("state too short")
+        magic, _seq, n_stream, n = struct.unpack_from("<IiII", buf, 0)
+        if magic != STATE_MAGIC or n_stream != 1:
+            raise ValueError("not a single-stream sequence state")
+        off = 16
+        meta = buf[off:off + 12 * n].view(np.int32).reshape(n, 3) if n else np.zeros((0, 3), np.int32)
+        if len(meta) != n or (n and not (meta[:, 1] == 1).all()):
+            raise ValueError("cells shared by several sequences or with extensions")
+        off += 12 * n
+        v_trans, n_layer = struct.unpack_from("<II", buf, off)
+        off += 8
+        sections: dict[str, list[LayerTensor]] = {"k": [], "v": []}
+        for section in ("k", "v"):
+            for _ in range(n_layer):
+                header = buf[off:off + 12]
+                if section == "v" and v_trans:
+                    t, el, n_embd = struct.unpack_from("<iII", buf, off)
+                    off += 12
+                    size = n_embd * n * el
+                    data = buf[off:off + size].reshape(n_embd, n * el)
+                    sections[section].append(LayerTensor(t, header, data, True, el))
+                else:
+                    t, row = struct.unpack_from("<iQ", buf, off)
+                    off += 12
+                    size = n * row
+                    sections[section].append(LayerTensor(t, header, buf[off:off + size].reshape(n, row), False))
+                off += size
+                if off > len(buf):
+                    raise ValueError("state truncated")
+        if off != len(buf):
+            raise ValueError(f"unexpected state layout ({off} of {len(buf)} bytes parsed)")
+        return cls(buf, meta[:, 0].copy(), meta, bool(v_trans), sections["k"], sections["v"])
+
+    def keep(self, rows: np.ndarray, into: _shim.HostBuffer | None = None) -> np.ndarray:
+        """A new state blob holding only the cells at these row indices (sorted), in order (a view
+        of `into` if given)."""
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        n, m = self.n_cells, len(rows)
+        size_total = 24 + 12 * m + 24 * len(self.k)
+        size_total += sum(lt.data.shape[0] * m * lt.elem if lt.transposed else lt.row_bytes * m
+                          for lt in (*self.k, *self.v))
+        out = into.view(size_total) if into is not None else np.empty(size_total, dtype=np.uint8)
+        out[:12] = self.buf[:12]
+        out[12:16] = np.array([m], dtype="<u4").view(np.uint8)
+        off = 16
+        out[off:off + 12 * m] = self.cell_meta[rows].reshape(-1).view(np.uint8)
+        off += 12 * m
+        out[off:off + 8] = self.buf[16 + 12 * n:16 + 12 * n + 8]
+        off += 8
+        lib = _shim.load().lib
+        idx = _cptr("int64_t *", rows)
+        jobs = []
+        for lt in (*self.k, *self.v):
+            out[off:off + 12] = lt.header
+            off += 12
+            size = lt.data.shape[0] * m * lt.elem if lt.transposed else m * lt.row_bytes
+            jobs.append((lt, out[off:off + size]))
             off += size
-    if off != len(buf):
-        raise ValueError(f"unexpected state layout ({off} of {len(buf)} bytes parsed)")
-    return np.concatenate(out)
+        assert off == size_total
+
+        def gather(job) -> None:
+            lt, dst = job
+            if lt.transposed:
+                lib.llamakv_gather_cols(_cptr("uint8_t *", lt.data), _cptr("uint8_t *", dst),
+                                        lt.data.shape[0], n, lt.elem, idx, m)
+            else:
+                lib.llamakv_gather_rows(_cptr("uint8_t *", lt.data), _cptr("uint8_t *", dst),
+                                        lt.row_bytes, idx, m)
+
+        _shim.parallel_map(gather, jobs)
+        return out
+
+
+def drop_cells(state: np.ndarray, evicted_positions: np.ndarray) -> np.ndarray:
+    """Remove the cells holding `evicted_positions` from a sequence state blob, in host memory.
+    Raises ValueError on a layout SeqState does not know."""
+    parsed = SeqState.parse(state)
+    return parsed.keep(np.flatnonzero(~np.isin(parsed.pos, evicted_positions)))
 
 
 class SequenceCache:
@@ -109,10 +188,11 @@ class SequenceCache:
     def state_size(self) -> int:
         return llama_cpp.llama_state_seq_get_size(self.ctx, self.seq_id)
 
-    def get_state(self) -> np.ndarray:
-        """The sequence's state bytes (uint8 array)."""
+    def get_state(self, into: _shim.HostBuffer | None = None) -> np.ndarray:
+        """The sequence's state bytes (uint8 array; a view of `into` if given, valid until its
+        next use)."""
         size = self.state_size()
-        buf = np.empty(size, dtype=np.uint8)
+        buf = into.view(size) if into is not None else np.empty(size, dtype=np.uint8)
         written = llama_cpp.llama_state_seq_get_data(self.ctx, _u8p(buf), size, self.seq_id)
         if written != size:
             raise RuntimeError(f"llama_state_seq_get_data wrote {written} of {size} bytes")

@@ -1,8 +1,9 @@
-"""Capture of queries, keys and values through llama.cpp's eval callback.
+"""Capture of pre-RoPE queries through llama.cpp's eval callback.
 
-A `Capture` owns the C state the callback writes (`llamakv_capture`), the numpy buffers behind
-it (key store, value norms, positions, staging) and the query statistics. Python only configures
-it, reads the results between decode calls and compacts the store after an eviction.
+A `Capture` owns the C state the callback writes (`llamakv_capture`), the numpy arrays behind it
+(query statistics, the ring of recent queries, the model's rope parameters) and tells the
+callback about each ubatch before it is decoded. Keys and values are not captured: they are in
+llama.cpp's cache and are read from the sequence state when scoring (llamakv/cache.py).
 """
 from __future__ import annotations
 
@@ -15,58 +16,51 @@ from .stats import QueryStats
 
 
 class Capture:
-    def __init__(self, *, n_layer: int, n_head: int, n_head_kv: int, head_dim: int, n_ubatch: int,
-                 capacity: int, q_normed: bool = False, n_sink: int = 4,
-                 full_covariance: bool = False):
+    def __init__(self, *, n_layer: int, n_head: int, head_dim: int, n_ubatch: int,
+                 q_normed: bool = False, n_sink: int = 4, full_covariance: bool = False,
+                 window: int = 64):
         self.shim = _shim.load()
         ffi = self.shim.ffi
-        self.n_layer, self.n_head, self.n_head_kv, self.head_dim = n_layer, n_head, n_head_kv, head_dim
-        self.capacity = capacity
+        self.n_layer, self.n_head, self.head_dim = n_layer, n_head, head_dim
         self.stats = QueryStats(n_layer, n_head, head_dim, full_covariance)
-        self.keys = np.empty((capacity, n_layer, n_head_kv, head_dim), dtype=np.float16)
-        self.vnorm = np.empty((capacity, n_layer, n_head_kv), dtype=np.float32)
-        self.pos = np.empty(capacity, dtype=np.int32)
+        self.window_cap = max(1, int(window))
+        self.window = np.zeros((n_layer, self.window_cap, n_head, head_dim), dtype=np.float32)
+        self.window_pos = np.zeros(self.window_cap, dtype=np.int64)
+        self.window_len = 0
         self.rope_params = np.zeros((n_layer, 16), dtype=np.int32)
         self.rope_factors = np.zeros((n_layer, head_dim // 2), dtype=np.float32)
         self.rope_has_factors = np.zeros(n_layer, dtype=np.int32)
         self.rope_seen = np.zeros(n_layer, dtype=np.int32)
         self.n_kv = np.zeros(n_layer, dtype=np.int32)
-        self._q_stage = np.empty(n_ubatch * n_head * head_dim, dtype=np.float32)
-        self._v_stage = np.empty(n_ubatch * n_head_kv, dtype=np.float32)
-        self._kv_stage = np.empty(n_ubatch * n_head_kv * head_dim, dtype=np.float32)
-        self._scratch = np.empty(n_ubatch * (n_head + 2 * n_head_kv) * head_dim, dtype=np.float32)
-        self._pos_stage = np.empty(n_ubatch, dtype=np.int32)
-        self._q_work = np.empty(2 * head_dim, dtype=np.float64)
+        # pinned when there is a GPU: queries are copied from the device into it
+        self._q_stage_buffer = _shim.HostBuffer()
+        self._q_stage = self._q_stage_buffer.view(n_ubatch * n_head * head_dim * 4).view(np.float32)
+        self._scratch = np.empty(n_ubatch * 3 * n_head * head_dim, dtype=np.float32)
+        self._q_work = np.empty(3 * n_head * head_dim, dtype=np.float64)
         self._probe = None
 
         c = ffi.new("llamakv_capture *")
-        c.n_layer, c.n_head, c.n_head_kv, c.head_dim = n_layer, n_head, n_head_kv, head_dim
-        c.n_ubatch, c.capacity = n_ubatch, capacity
+        c.n_layer, c.n_head, c.head_dim = n_layer, n_head, head_dim
+        c.n_ubatch = n_ubatch
         c.q_normed = int(q_normed)
         c.n_sink = n_sink
         c.enabled = 1
         c.stats_enabled = 1
-        c.keys = self._ptr("uint16_t *", self.keys)
-        c.vnorm = self._ptr("float *", self.vnorm)
-        c.pos = self._ptr("int32_t *", self.pos)
         c.q_count = self._ptr("double *", self.stats.count)
         c.q_mean = self._ptr("double *", self.stats.mean)
         c.q_m2 = self._ptr("double *", self.stats.m2)
         c.q_cov = self._ptr("double *", self.stats.cov) if self.stats.cov is not None else ffi.NULL
+        c.window = self._ptr("float *", self.window)
+        c.window_cap = self.window_cap
         c.rope_params = self._ptr("int32_t *", self.rope_params)
         c.rope_factors = self._ptr("float *", self.rope_factors)
         c.rope_has_factors = self._ptr("int32_t *", self.rope_has_factors)
         c.rope_seen = self._ptr("int32_t *", self.rope_seen)
         c.n_kv = self._ptr("int32_t *", self.n_kv)
         c.q_stage = self._ptr("float *", self._q_stage)
-        c.v_stage = self._ptr("float *", self._v_stage)
-        c.kv_stage = self._ptr("float *", self._kv_stage)
         c.scratch = self._ptr("float *", self._scratch)
-        c.pos_stage = self._ptr("int32_t *", self._pos_stage)
         c.q_work = self._ptr("double *", self._q_work)
         c.last_k_layer = -1
-        c.q_pending = -1
-        c.v_pending = -1
         self._c = c
 
     def _ptr(self, ctype: str, array: np.ndarray):
@@ -103,31 +97,49 @@ class Capture:
     def n_sink(self) -> int:
         return int(self._c.n_sink)
 
-    def reset_stats(self) -> None:
-        self.stats.reset()
-
     def reset(self) -> None:
-        """Forget everything captured: statistics and the key store."""
+        """Forget everything captured."""
         self.stats.reset()
-        self._c.n_rows = 0
-        self._c.last_k_layer = -1
-        self._c.q_pending = -1
-        self._c.v_pending = -1
+        self.window_len = 0
+        self._c.window_head = 0
         self._c.error = 0
         self._c.capture_ns = 0
 
-    # -- results ---------------------------------------------------------------------------
-    @property
-    def n_rows(self) -> int:
-        return int(self._c.n_rows)
+    # -- per ubatch ------------------------------------------------------------------------
+    def begin_ubatch(self, pos0: int, n_tok: int, stats_rows: int, window_rows: int) -> bool:
+        """Tell the callback about the ubatch about to be decoded: tokens at positions
+        pos0 .. pos0 + n_tok - 1, of which the last `stats_rows` feed the statistics and the last
+        `window_rows` the window of recent queries. Returns whether any query is wanted."""
+        on = self.enabled
+        self._c.ubatch_pos0 = pos0
+        self._c.ubatch_n_tok = n_tok
+        self._c.stats_rows = max(0, min(stats_rows, n_tok)) if on and self.stats_enabled else 0
+        self._c.window_rows = max(0, min(window_rows, n_tok, self.window_cap)) if on else 0
+        self._c.last_k_layer = -1
+        return bool(self._c.stats_rows or self._c.window_rows)
 
+    def end_ubatch(self, decoded: bool) -> None:
+        """After the decode call: advance the query window if the tokens went in."""
+        rw = int(self._c.window_rows)
+        self._c.window_rows = 0
+        self._c.stats_rows = 0
+        if not decoded or rw <= 0:
+            return
+        head = int(self._c.window_head)
+        pos0 = int(self._c.ubatch_pos0) + int(self._c.ubatch_n_tok) - rw
+        slots = (head + np.arange(rw)) % self.window_cap
+        self.window_pos[slots] = pos0 + np.arange(rw)
+        self._c.window_head = (head + rw) % self.window_cap
+        self.window_len = min(self.window_cap, self.window_len + rw)
+
+    # -- results ---------------------------------------------------------------------------
     @property
     def n_observed(self) -> int:
         return int(self._c.n_observed)
 
     @property
     def capture_seconds(self) -> float:
-        """Time the callback spent copying tensors and accumulating statistics."""
+        """Time the callback spent copying queries and accumulating statistics."""
         return int(self._c.capture_ns) * 1e-9
 
     def check(self) -> None:
@@ -137,36 +149,39 @@ class Capture:
             self._c.error = 0
             raise CaptureError(f"capture failed: {self.shim.error_string(err)}")
 
-    def end_ubatch_sequence(self) -> None:
-        """Mark the end of a decode call: the next key seen starts a new ubatch."""
-        self._c.last_k_layer = -1
-        self._c.q_pending = -1
-        self._c.v_pending = -1
+    def recent_queries(self) -> tuple[np.ndarray, np.ndarray]:
+        """The window of recent pre-RoPE queries, oldest first: q [n_layer, W, n_head, head_dim]
+        and their positions [W]."""
+        n = self.window_len
+        head = int(self._c.window_head)
+        slots = (head - n + np.arange(n)) % self.window_cap
+        return self.window[:, slots], self.window_pos[slots].copy()
 
-    def truncate(self, n_rows: int) -> None:
-        """Drop rows recorded past n_rows (a decode that failed)."""
-        self._c.n_rows = min(self.n_rows, n_rows)
-
-    def keep_rows(self, rows: np.ndarray) -> None:
-        """Keep only these rows of the store, in this order (after an eviction)."""
-        n = len(rows)
-        self.keys[:n] = self.keys[rows]
-        self.vnorm[:n] = self.vnorm[rows]
-        self.pos[:n] = self.pos[rows]
-        self._c.n_rows = n
-
-    def load_rows(self, keys: np.ndarray, vnorm: np.ndarray, pos: np.ndarray) -> None:
-        n = len(pos)
-        if n > self.capacity:
-            raise CaptureError(f"{n} rows do not fit a store of {self.capacity}")
-        self.keys[:n], self.vnorm[:n], self.pos[:n] = keys, vnorm, pos
-        self._c.n_rows = n
+    def set_recent_queries(self, q: np.ndarray, pos: np.ndarray) -> None:
+        n = min(len(pos), self.window_cap)
+        self.window[:, :n] = q[:, len(pos) - n:]
+        self.window_pos[:n] = pos[len(pos) - n:]
+        self.window_len = n
+        self._c.window_head = n % self.window_cap
 
     def rope(self, layer: int) -> RopeParams:
         if not self.rope_seen[layer]:
             raise CaptureError(f"no ROPE node of layer {layer} has been observed yet")
         factors = self.rope_factors[layer] if self.rope_has_factors[layer] else None
         return RopeParams.from_op_params(self.rope_params[layer], factors)
+
+    def state_arrays(self) -> dict:
+        """Everything captured, as named arrays (snapshots and saved states)."""
+        q, pos = self.recent_queries()
+        return {**self.stats.arrays(), "window_q": q.copy(), "window_pos": pos,
+                "rope_params": self.rope_params.copy(), "rope_factors": self.rope_factors.copy(),
+                "rope_has_factors": self.rope_has_factors.copy(), "rope_seen": self.rope_seen.copy()}
+
+    def load_state_arrays(self, arrays: dict) -> None:
+        self.stats.restore(arrays)
+        self.set_recent_queries(arrays["window_q"], arrays["window_pos"])
+        for k in ("rope_params", "rope_factors", "rope_has_factors", "rope_seen"):
+            getattr(self, k)[:] = arrays[k]
 
     # -- probe (tests, debugging) ----------------------------------------------------------
     def set_probe(self, name: str, op: int, max_floats: int) -> None:
@@ -177,6 +192,15 @@ class Capture:
         self._c.probe_op = op
         self._c.probe_name = name.encode()
         self._c.probe_n = 0
+
+    @property
+    def probing(self) -> bool:
+        return self._probe is not None
+
+    def clear_probe(self) -> None:
+        self._c.probe_buf = self.shim.ffi.NULL
+        self._c.probe_name = b""
+        self._probe = None
 
     def probe_result(self) -> np.ndarray:
         """The last probed tensor as [ne3, ne2, ne1, ne0] with leading ones squeezed off."""

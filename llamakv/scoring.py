@@ -1,44 +1,94 @@
 """Scoring methods ("presses") and the aggregation of per-head scores into one score per cell.
 
-A press looks at what the capture holds (keys after RoPE, value norms, positions, query
-statistics, the model's rope) and returns scores per (layer, KV head, cell): higher means keep.
-llama.cpp frees whole cells (every layer and head of a token at once), so `aggregate` turns those
-scores into one score per cell through an explicit policy.
+A press looks at the cache (keys after RoPE and values, read from the sequence state), the query
+statistics, the window of recent queries and the model's rope, and returns scores per (layer,
+KV head, cell): higher means keep. llama.cpp frees whole cells (every layer and head of a token
+at once), so `aggregate` turns those scores into one score per cell through an explicit policy.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable, Protocol
 
 import numpy as np
 
+from . import _shim
+from .cache import SeqState
+from .errors import LlamaKVError
 from .rope import RopeParams
 from .stats import QueryStats
 
 
+def _cptr(ctype: str, a: np.ndarray):
+    assert a.flags.c_contiguous
+    return _shim.load().ffi.cast(ctype, a.ctypes.data)
+
+
 @dataclass
 class ScoreInputs:
-    keys: np.ndarray        # [n_cells, n_layer, n_head_kv, head_dim] fp16, after RoPE
-    vnorm: np.ndarray       # [n_cells, n_layer, n_head_kv]
-    pos: np.ndarray         # [n_cells]
-    stats: QueryStats       # pre-RoPE query statistics
+    state: SeqState          # the sequence's cells as llama.cpp holds them
+    stats: QueryStats        # pre-RoPE query statistics
     rope: Callable[[int], RopeParams]
-    next_pos: int           # position the next token will take
+    next_pos: int            # position the next token will take
     n_head: int
+    n_head_kv: int
+    head_dim: int
     n_sink: int
+    window_q: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0, 0), np.float32))
+    window_pos: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [W]
+
+    @property
+    def pos(self) -> np.ndarray:
+        return self.state.pos
 
     @property
     def n_layer(self) -> int:
-        return self.keys.shape[1]
+        return len(self.state.k)
 
     @property
-    def n_head_kv(self) -> int:
-        return self.keys.shape[2]
+    def n_cells(self) -> int:
+        return self.state.n_cells
+
+    def layer_keys(self, layer: int) -> np.ndarray:
+        """Keys after RoPE of one layer as float32 [n_cells, n_head_kv, head_dim]."""
+        lt = self.state.k[layer]
+        per_row = self.n_head_kv * self.head_dim
+        out = np.empty((self.n_cells, per_row), dtype=np.float32)
+        if self.n_cells:
+            err = _shim.load().lib.llamakv_rows_to_float(
+                _cptr("uint8_t *", lt.data), lt.type, lt.row_bytes, self.n_cells, per_row, _cptr("float *", out))
+            if err:
+                raise LlamaKVError(f"cannot read keys of ggml type {lt.type}")
+        return out.reshape(self.n_cells, self.n_head_kv, self.head_dim)
 
     @property
-    def head_dim(self) -> int:
-        return self.keys.shape[3]
+    def keys(self) -> np.ndarray:
+        """All keys [n_cells, n_layer, n_head_kv, head_dim] float32 (tests, comparisons)."""
+        return np.stack([self.layer_keys(layer) for layer in range(self.n_layer)], axis=1)
+
+    @cached_property
+    def vnorm(self) -> np.ndarray:
+        """L2 norm of each value head [n_cells, n_layer, n_head_kv]."""
+        out = np.empty((self.n_layer, self.n_cells, self.n_head_kv), dtype=np.float32)
+        lib = _shim.load().lib
+
+        def layer_norms(layer: int) -> int:
+            lt = self.state.v[layer]
+            return lib.llamakv_value_norms(_cptr("uint8_t *", lt.data), lt.type, lt.row_bytes, self.n_cells,
+                                           self.n_head_kv, self.head_dim, int(lt.transposed),
+                                           _cptr("float *", out[layer]))
+
+        if self.n_cells and any(_shim.parallel_map(layer_norms, range(self.n_layer))):
+            raise LlamaKVError(f"cannot read values of ggml type {self.state.v[0].type}")
+        return out.transpose(1, 0, 2)
+
+    def window_queries(self, layer: int) -> np.ndarray:
+        """The recent queries of one layer after RoPE, float32 [W, n_head, head_dim]."""
+        if len(self.window_pos) == 0:
+            raise LlamaKVError("no recent queries were captured (prefill with capture enabled)")
+        return self.rope(layer).rotate(self.window_q[layer], self.window_pos).astype(np.float32)
 
 
 class Press(Protocol):
@@ -52,6 +102,20 @@ def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
     z = z - z.max(axis=axis, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=axis, keepdims=True)
+
+
+def _group_mean(a: np.ndarray, n_head_kv: int) -> np.ndarray:
+    """[n_head, ...] -> [n_head_kv, ...]: mean over each GQA group."""
+    return a.reshape(n_head_kv, a.shape[0] // n_head_kv, *a.shape[1:]).mean(axis=1)
+
+
+def _not_sink(inputs: ScoreInputs) -> np.ndarray:
+    return inputs.pos >= inputs.n_sink
+
+
+def _sinks_inf(scores: np.ndarray, inputs: ScoreInputs) -> np.ndarray:
+    scores[:, :, ~_not_sink(inputs)] = np.inf
+    return scores
 
 
 @dataclass
@@ -69,70 +133,259 @@ class ExpectedAttention:
     full_covariance: bool = False
     name: str = "expected_attention"
 
+    def _folded(self, inputs: ScoreInputs, layer: int):
+        """The mean rotation folded into the statistics: z = kᵀ(w + dq∘k) + Σ_p c_p k_a k_b.
+
+        With R̄ = mean rotation, per pair (a, b) k̄_a = A k_a + B k_b, k̄_b = -B k_a + A k_b; then
+        μᵀk̄ = k_a (Aμ_a - Bμ_b) + k_b (Bμ_a + Aμ_b) and, with a diagonal variance σ,
+        σ_a k̄_a² + σ_b k̄_b² = k_a²(σ_a A² + σ_b B²) + k_b²(σ_a B² + σ_b A²) + 2AB(σ_a - σ_b) k_a k_b."""
+        d = inputs.head_dim
+        rp = inputs.rope(layer)
+        A, B = rp.mean_rotation(inputs.next_pos, self.n_future_positions)
+        a, b = rp.pair_dims()
+        mu = inputs.stats.mean[layer]
+        w = mu / math.sqrt(d)
+        w[:, a] = (A * mu[:, a] - B * mu[:, b]) / math.sqrt(d)
+        w[:, b] = (B * mu[:, a] + A * mu[:, b]) / math.sqrt(d)
+        dq = np.zeros_like(w)
+        c = np.zeros((inputs.n_head, len(a)))
+        if self.use_covariance and not self.full_covariance:
+            var = inputs.stats.variance()[layer]
+            dq = var / (2 * d)
+            dq[:, a] = (var[:, a] * A**2 + var[:, b] * B**2) / (2 * d)
+            dq[:, b] = (var[:, a] * B**2 + var[:, b] * A**2) / (2 * d)
+            c = 2 * A * B * (var[:, a] - var[:, b]) / (2 * d)
+        f32 = lambda x: np.ascontiguousarray(x, dtype=np.float32)  # noqa: E731
+        i32 = lambda x: np.ascontiguousarray(x, dtype=np.int32)  # noqa: E731
+        return f32(w), f32(dq), f32(c), i32(a), i32(b)
+
     def layer_logits(self, inputs: ScoreInputs, layer: int) -> np.ndarray:
         """z [n_head, n_cells]: the expected log attention logit of each query head for each key."""
-        d = inputs.head_dim
-        group = inputs.n_head // inputs.n_head_kv
-        keys = inputs.keys[:, layer].astype(np.float32)  # [n, hk, d]
-        k_bar = inputs.rope(layer).unrotate_mean(keys, inputs.next_pos, self.n_future_positions)
-        k_bar = np.repeat(k_bar, group, axis=1).transpose(1, 0, 2)  # [n_head, n, d]
-        mu = inputs.stats.mean[layer].astype(np.float32)  # [n_head, d]
-        z = np.einsum("hnd,hd->hn", k_bar, mu) / math.sqrt(d)
-        if self.use_covariance:
-            if self.full_covariance:
-                cov = inputs.stats.covariance()[layer].astype(np.float32)  # [n_head, d, d]
-                z += np.einsum("hnd,hde,hne->hn", k_bar, cov, k_bar, optimize=True) / (2 * d)
-            else:
-                var = inputs.stats.variance()[layer].astype(np.float32)  # [n_head, d]
-                z += np.einsum("hnd,hd->hn", k_bar * k_bar, var) / (2 * d)
+        w, dq, c, a, b = self._folded(inputs, layer)
+        n = inputs.n_cells
+        z = np.empty((inputs.n_head, n), dtype=np.float32)
+        lt = inputs.state.k[layer]
+        if n:
+            err = _shim.load().lib.llamakv_ea_logits(
+                _cptr("uint8_t *", lt.data), lt.type, lt.row_bytes, n, inputs.n_head, inputs.n_head_kv,
+                inputs.head_dim, _cptr("float *", w), _cptr("float *", dq), _cptr("float *", c),
+                _cptr("int32_t *", a), _cptr("int32_t *", b), len(a), _cptr("float *", z))
+            if err:
+                raise LlamaKVError(f"cannot score keys of ggml type {lt.type}")
+        if self.use_covariance and self.full_covariance:
+            d = inputs.head_dim
+            group = inputs.n_head // inputs.n_head_kv
+            keys = inputs.layer_keys(layer)
+            k_bar = inputs.rope(layer).unrotate_mean(keys, inputs.next_pos, self.n_future_positions)
+            k_bar = np.repeat(k_bar, group, axis=1).transpose(1, 0, 2)  # [n_head, n, d]
+            cov = inputs.stats.covariance()[layer].astype(np.float32)  # [n_head, d, d]
+            z += np.einsum("hnd,hde,hne->hn", k_bar, cov, k_bar, optimize=True) / (2 * d)
         return z
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
-        n = len(inputs.pos)
-        group = inputs.n_head // inputs.n_head_kv
-        not_sink = inputs.pos >= inputs.n_sink
+        n = inputs.n_cells
+        not_sink = _not_sink(inputs)
         out = np.full((inputs.n_layer, inputs.n_head_kv, n), np.inf, dtype=np.float32)
         if not not_sink.any():
             return out
-        for layer in range(inputs.n_layer):
+        vnorm = inputs.vnorm if self.use_vnorm else None
+
+        def score_layer(layer: int) -> None:
             z = self.layer_logits(inputs, layer)[:, not_sink]
-            a = softmax(z, axis=-1).reshape(inputs.n_head_kv, group, -1).mean(axis=1)
-            if self.use_vnorm:
-                a = (a + self.epsilon) * inputs.vnorm[not_sink, layer].T
+            a = _group_mean(softmax(z, axis=-1), inputs.n_head_kv)
+            if vnorm is not None:
+                a = (a + self.epsilon) * vnorm[not_sink, layer].T
             out[layer][:, not_sink] = a
+
+        _shim.parallel_map(score_layer, range(inputs.n_layer))
         return out
 
 
-AGGREGATIONS = ("mean", "max")
+@dataclass
+class StreamingLLM:
+    """StreamingLLM (Xiao et al., 2024, "Efficient Streaming Language Models with Attention
+    Sinks"): keep the sink tokens and the most recent window; what context shift amounts to."""
+
+    name: str = "streaming_llm"
+
+    def score(self, inputs: ScoreInputs) -> np.ndarray:
+        s = np.broadcast_to(inputs.pos.astype(np.float32), (inputs.n_layer, inputs.n_head_kv, inputs.n_cells))
+        return _sinks_inf(s.copy(), inputs)
 
 
-def aggregate(scores: np.ndarray, policy: str = "mean") -> np.ndarray:
+@dataclass
+class RandomPress:
+    """Random eviction (the floor any method must beat); seeded, one draw per cell."""
+
+    seed: int = 0
+    name: str = "random"
+
+    def score(self, inputs: ScoreInputs) -> np.ndarray:
+        r = np.random.default_rng(self.seed).random(inputs.n_cells).astype(np.float32)
+        s = np.broadcast_to(r, (inputs.n_layer, inputs.n_head_kv, inputs.n_cells)).copy()
+        return _sinks_inf(s, inputs)
+
+
+@dataclass
+class KNorm:
+    """KNorm (Devoto et al., 2024, "A Simple and Effective L2 Norm-Based Strategy for KV Cache
+    Compression"): keys with a small L2 norm draw attention; keep the smallest norms."""
+
+    name: str = "knorm"
+
+    def score(self, inputs: ScoreInputs) -> np.ndarray:
+        s = np.stack([-np.linalg.norm(inputs.layer_keys(layer), axis=-1).T for layer in range(inputs.n_layer)])
+        return _sinks_inf(s.astype(np.float32), inputs)
+
+
+@dataclass
+class KeyDiff:
+    """KeyDiff (Park et al., 2025, "KeyDiff: Key Similarity-Based KV Cache Eviction for Long-Context
+    LLM Inference in Resource-Constrained Environments"): keep the keys least similar (cosine) to
+    the head's mean key direction."""
+
+    name: str = "keydiff"
+
+    def score(self, inputs: ScoreInputs) -> np.ndarray:
+        not_sink = _not_sink(inputs)
+        out = np.empty((inputs.n_layer, inputs.n_head_kv, inputs.n_cells), dtype=np.float32)
+        for layer in range(inputs.n_layer):
+            k = inputs.layer_keys(layer)  # [n, hk, d]
+            k = k / np.maximum(np.linalg.norm(k, axis=-1, keepdims=True), 1e-6)
+            anchor = k[not_sink].mean(axis=0) if not_sink.any() else k.mean(axis=0)
+            anchor = anchor / np.maximum(np.linalg.norm(anchor, axis=-1, keepdims=True), 1e-6)
+            out[layer] = -np.einsum("nhd,hd->hn", k, anchor)
+        return _sinks_inf(out, inputs)
+
+
+def _window_attention(inputs: ScoreInputs, layer: int, last: int | None = None) -> np.ndarray:
+    """Attention [n_head, W, n_cells] of the recent queries (or the `last` of them) to the cells,
+    softmax over the non-sink cells a query may see (positions up to its own)."""
+    q = inputs.window_queries(layer)  # [W, H, d]
+    qpos = inputs.window_pos
+    if last is not None:
+        q, qpos = q[-last:], qpos[-last:]
+    group = inputs.n_head // inputs.n_head_kv
+    k = np.repeat(inputs.layer_keys(layer), group, axis=1)  # [n, H, d]
+    z = np.matmul(q.transpose(1, 0, 2), k.transpose(1, 2, 0)) / math.sqrt(inputs.head_dim)  # [H, W, n]
+    visible = (inputs.pos[None, :] <= qpos[:, None]) & _not_sink(inputs)[None, :]
+    z = np.where(visible[None], z, -np.inf)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / np.maximum(e.sum(axis=-1, keepdims=True), 1e-30)
+
+
+@dataclass
+class SnapKV:
+    """SnapKV (Li et al., 2024, "SnapKV: LLM Knows What You are Looking for Before Generation"):
+    attention of the last `window` queries, averaged, max-pooled over neighbouring positions
+    (`kernel`), mean over each GQA group."""
+
+    window: int = 64
+    kernel: int = 5
+    name: str = "snapkv"
+
+    def score(self, inputs: ScoreInputs) -> np.ndarray:
+        order = np.argsort(inputs.pos, kind="stable")
+
+        def score_layer(layer: int) -> np.ndarray:
+            a = _window_attention(inputs, layer, self.window).mean(axis=1)  # [H, n]
+            if self.kernel > 1:  # pool along positions, not cell order
+                s = a[:, order]
+                pad = self.kernel // 2
+                p = np.pad(s, ((0, 0), (pad, pad)), constant_values=0.0)
+                pooled = np.max(np.stack([p[:, i:i + s.shape[1]] for i in range(self.kernel)]), axis=0)
+                a = np.empty_like(a)
+                a[:, order] = pooled
+            return _group_mean(a, inputs.n_head_kv)
+
+        out = np.stack(_shim.parallel_map(score_layer, range(inputs.n_layer)))
+        return _sinks_inf(out.astype(np.float32), inputs)
+
+
+@dataclass
+class TOVA:
+    """TOVA (Oren et al., 2024, "Transformers are Multi-State RNNs"): the attention the last query
+    pays each cell, averaged over the heads of each GQA group."""
+
+    name: str = "tova"
+
+    def score(self, inputs: ScoreInputs) -> np.ndarray:
+        out = np.stack(_shim.parallel_map(
+            lambda layer: _group_mean(_window_attention(inputs, layer, 1)[:, 0], inputs.n_head_kv),
+            range(inputs.n_layer)))
+        return _sinks_inf(out.astype(np.float32), inputs)
+
+
+@dataclass
+class H2O:
+    """H2O-style heavy hitters (Zhang et al., 2023, "H2O: Heavy-Hitter Oracle for Efficient
+    Generative Inference of Large Language Models"): attention accumulated over the queries seen.
+    Here over the window of recent queries llamakv keeps (not every query of the prompt): the sum,
+    unpooled, so cells many recent queries looked at win."""
+
+    name: str = "h2o"
+
+    def score(self, inputs: ScoreInputs) -> np.ndarray:
+        out = np.stack(_shim.parallel_map(
+            lambda layer: _group_mean(_window_attention(inputs, layer).sum(axis=1), inputs.n_head_kv),
+            range(inputs.n_layer)))
+        return _sinks_inf(out.astype(np.float32), inputs)
+
+
+AGGREGATIONS = ("mean", "max", "votes")
+
+
+def aggregate(scores: np.ndarray, policy: str = "mean", n_keep: int | None = None) -> np.ndarray:
     """One score per cell from scores [n_layer, n_head_kv, n_cells].
 
     Each (layer, head) row is first normalised to sum 1 over the scored cells, so that layers
     with large value norms do not outvote the others; then
-      mean: average share of attention the cell gets over all layers and heads;
-      max:  the largest share any single head gives it (keeps what one head needs badly).
+      mean:  average share of attention the cell gets over all layers and heads;
+      max:   the largest share any single head gives it (keeps what one head needs badly);
+      votes: each head nominates its `n_keep` best cells; cells ranked by their number of
+             votes, ties broken by the mean share.
     Cells with infinite scores (sinks) stay infinite.
     """
+    if policy not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {policy!r}; choose one of {', '.join(AGGREGATIONS)}")
     finite = np.isfinite(scores).all(axis=(0, 1))
     s = scores[:, :, finite].astype(np.float64)
     s = s / np.maximum(s.sum(axis=-1, keepdims=True), 1e-30)
     out = np.full(scores.shape[-1], np.inf)
+    if s.shape[-1] == 0:
+        return out
+    mean = s.mean(axis=(0, 1))
     if policy == "mean":
-        out[finite] = s.mean(axis=(0, 1))
+        out[finite] = mean
     elif policy == "max":
         out[finite] = s.max(axis=(0, 1))
     else:
-        raise ValueError(f"unknown aggregation {policy!r}; choose one of {', '.join(AGGREGATIONS)}")
+        k = s.shape[-1] if n_keep is None else int(min(max(n_keep, 0), s.shape[-1]))
+        flat = s.reshape(-1, s.shape[-1])
+        votes = np.zeros(s.shape[-1])
+        if k > 0:
+            top = np.argpartition(-flat, k - 1, axis=-1)[:, :k]
+            np.add.at(votes, top.reshape(-1), 1.0)
+        out[finite] = votes + mean / max(mean.max(), 1e-30) * 0.5  # ties: mean share, < one vote
     return out
 
 
-PRESSES = {"expected_attention": ExpectedAttention}
+PRESSES = {
+    "expected_attention": ExpectedAttention,
+    "streaming_llm": StreamingLLM,
+    "snapkv": SnapKV,
+    "tova": TOVA,
+    "h2o": H2O,
+    "knorm": KNorm,
+    "keydiff": KeyDiff,
+    "random": RandomPress,
+}
 
 
 def make_press(name: str, **kwargs) -> Press:
     try:
-        return PRESSES[name.replace("-", "_")](**kwargs)
+        cls = PRESSES[name.replace("-", "_")]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(PRESSES)}") from None
+    return cls(**kwargs)

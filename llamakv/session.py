@@ -22,7 +22,8 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals
 
-from .cache import SequenceCache, drop_cells, position_runs
+from .cache import SeqState, SequenceCache, position_runs
+from ._shim import HostBuffer
 from .capture import Capture
 from .errors import CacheFullError, LlamaKVError, ModelError, StateError, UnsupportedModelError
 from .models import check_gguf, resolve_model
@@ -32,20 +33,15 @@ from .scoring import ExpectedAttention, Press, ScoreInputs, aggregate
 # attention scale is 1/sqrt(head_dim); value: the query tensor is the QK-normed one
 SUPPORTED_ARCHITECTURES = {"llama": False, "qwen2": False}
 STATE_MAGIC = "llamakv-state"
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 ProgressFn = Callable[[int, int], None]
-_ROPE_ARRAYS = ("rope_params", "rope_factors", "rope_has_factors", "rope_seen")
 
 
 @dataclass
 class Snapshot:
-    llama_state: np.ndarray  # uint8
-    keys: np.ndarray
-    vnorm: np.ndarray
-    pos: np.ndarray
-    stats: dict
-    rope: dict
+    llama_state: np.ndarray  # uint8: llama_state_seq_get_data
+    captured: dict           # Capture.state_arrays(): query statistics, recent queries, rope
     next_pos: int
     n_cells: int
 
@@ -61,9 +57,10 @@ class CompressionReport:
     runs: int
     kv_bytes_before: int
     kv_bytes_after: int
-    unscored_cells: int
+    protected_cells: int
     compacted: bool
     capture_s: float
+    state_read_s: float
     scoring_s: float
     eviction_s: float
     compaction_s: float
@@ -78,15 +75,51 @@ class CompressionReport:
             f"method        {self.method} (aggregation: {self.aggregation}), ratio {self.ratio:g}",
             f"cells         {self.cells_before} -> {self.cells_after} ({self.evicted} evicted in {self.runs} runs)",
             f"KV bytes      {mib(self.kv_bytes_before):.2f} MiB -> {mib(self.kv_bytes_after):.2f} MiB",
-            f"time          capture {self.capture_s * 1e3:.1f} ms, scoring {self.scoring_s * 1e3:.1f} ms, "
-            f"eviction {self.eviction_s * 1e3:.1f} ms, compaction {self.compaction_s * 1e3:.1f} ms",
+            f"time          capture {self.capture_s * 1e3:.1f} ms, state read {self.state_read_s * 1e3:.1f} ms, "
+            f"scoring {self.scoring_s * 1e3:.1f} ms, eviction {self.eviction_s * 1e3:.1f} ms, "
+            f"compaction {self.compaction_s * 1e3:.1f} ms",
         ])
+
+    @property
+    def compression_s(self) -> float:
+        """Time compress() took after the prefill: state read, scoring, eviction, compaction."""
+        return self.state_read_s + self.scoring_s + self.eviction_s + self.compaction_s
 
 
 def _meta(model, key: str) -> str | None:
     buf = ctypes.create_string_buffer(256)
     n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
     return buf.value.decode() if n >= 0 else None
+
+
+class _CallbackSwitch:
+    """Switches the capture callback on for the decode calls that need it and off otherwise
+    (see csrc: llamakv_switch_callback). Where llama.cpp's layout is not as expected, the callback
+    stays on for good (correct, only slower on a GPU)."""
+
+    def __init__(self, ctx, capture: Capture):
+        self.shim = capture.shim
+        self.ctx = ctx
+        self.cb = self.shim.ffi.cast("void *", capture.callback_address)
+        self.ud = self.shim.ffi.cast("void *", capture.user_data_address)
+        ctx_ptr = self.shim.ffi.cast("void *", ctypes.cast(ctx, ctypes.c_void_p).value)
+        self.ctx_ptr = ctx_ptr
+        self.slot = -1
+        self.get_sched = None
+        sym = getattr(llama_cpp.llama_cpp._lib, "_ZNK13llama_context9get_schedEv", None)
+        if sym is not None:
+            self.slot = int(self.shim.lib.llamakv_find_callback_slot(ctx_ptr, self.cb, self.ud))
+            self.get_sched = self.shim.ffi.cast("void *", ctypes.cast(sym, ctypes.c_void_p).value)
+        self.switchable = self.slot >= 0 and self.get_sched is not None
+        self.on = True
+
+    def set(self, on: bool) -> None:
+        if on == self.on or not self.switchable:
+            return
+        null = self.shim.ffi.NULL
+        self.shim.lib.llamakv_switch_callback(self.ctx_ptr, self.slot, self.get_sched,
+                                             self.cb if on else null, self.ud if on else null)
+        self.on = on
 
 
 class KVSession:
@@ -99,7 +132,9 @@ class KVSession:
     """
 
     def __init__(self, llama: llama_cpp.Llama, *, n_sink: int = 4, full_covariance: bool = False,
-                 press: Press | None = None, aggregation: str = "mean", seq_id: int = 0):
+                 press: Press | None = None, aggregation: str = "mean", seq_id: int = 0,
+                 stats_window: int | None = None, stats_rows: int | None = None, window: int = 64,
+                 capture_generation: bool = False):
         self.llama = llama
         model = llama._model.model
         self.architecture = _meta(model, "general.architecture") or "?"
@@ -119,12 +154,18 @@ class KVSession:
         params = llama.context_params
         self.n_ubatch = int(params.n_ubatch)
         self.capture = Capture(
-            n_layer=self.n_layer, n_head=self.n_head, n_head_kv=self.n_head_kv,
-            head_dim=self.head_dim, n_ubatch=self.n_ubatch, capacity=int(params.n_ctx) + self.n_ubatch,
+            n_layer=self.n_layer, n_head=self.n_head, head_dim=self.head_dim, n_ubatch=self.n_ubatch,
             q_normed=SUPPORTED_ARCHITECTURES[self.architecture], n_sink=n_sink,
-            full_covariance=full_covariance)
+            full_covariance=full_covariance, window=window)
+        # queries of the last `stats_window` tokens of each prefill call (None: all), and of those
+        # the last `stats_rows` of each ubatch (None: all), enter the statistics; on a GPU each
+        # ubatch captured costs a synchronisation per layer and device-to-host copies
+        self.stats_window = stats_window
+        self.stats_rows = stats_rows
+        self.capture_generation = capture_generation
         self._install_callback(params)
         self.ctx = llama._ctx.ctx
+        self._switch = _CallbackSwitch(self.ctx, self.capture)
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
         self.cache = SequenceCache(self.ctx, seq_id)
         self.vocab = llama_cpp.llama_model_get_vocab(model)
@@ -134,6 +175,7 @@ class KVSession:
         self._has_logits = False
         self._capture_mark = 0.0  # capture time already reported
         self.last_report: CompressionReport | None = None
+        self._state_in, self._state_out = HostBuffer(), HostBuffer()  # reused by compress()
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -220,8 +262,9 @@ class KVSession:
     def free_cells(self) -> int:
         return self.n_ctx - self.n_cells
 
-    def _decode(self, tokens: Sequence[int], *, progress: ProgressFn | None = None) -> None:
-        """Decode tokens at the next positions, in ubatch-sized calls; logits of the last one."""
+    def _decode(self, tokens: Sequence[int], *, progress: ProgressFn | None = None, capture: bool = True) -> None:
+        """Decode tokens at the next positions, in ubatch-sized calls; logits of the last one.
+        Queries are captured (see stats_window, stats_rows, window) unless `capture` is False."""
         n = len(tokens)
         if n == 0:
             return
@@ -230,6 +273,7 @@ class KVSession:
                 f"{n} tokens do not fit in the {self.free_cells} free cells of the KV cache "
                 f"(n_ctx {self.n_ctx}, {self.n_cells} in use): raise -c / n_ctx, or compress first")
         b = self._batch
+        cap = self.capture
         done = 0
         while done < n:
             chunk = tokens[done:done + self.n_ubatch]
@@ -242,18 +286,23 @@ class KVSession:
                 b.logits[i] = 0
             b.logits[m - 1] = int(done + m == n)
             b.n_tokens = m
-            rows_before = self.capture.n_rows
+            after = n - done - m  # tokens of this call after the ubatch
+            stats = m if self.stats_window is None else self.stats_window - after
+            if self.stats_rows is not None:
+                stats = min(stats, self.stats_rows)
+            wanted = cap.begin_ubatch(self.next_pos, m, stats if capture else 0,
+                                      cap.window_cap - after if capture else 0)
+            self._switch.set(wanted or cap.probing)
             rc = llama_cpp.llama_decode(self.ctx, b)
-            self.capture.end_ubatch_sequence()
+            cap.end_ubatch(rc == 0)
             if rc != 0:
-                self.capture.truncate(rows_before)
                 if rc == 1:
                     raise CacheFullError("llama.cpp found no free KV slot for the batch")
                 raise LlamaKVError(f"llama_decode failed with code {rc}")
             self.next_pos += m
             self.n_cells += m
             self._has_logits = True
-            self.capture.check()  # the tokens are in the cache either way
+            cap.check()  # the tokens are in the cache either way
             done += m
             if progress:
                 progress(done, n)
@@ -267,81 +316,72 @@ class KVSession:
         return len(tokens)
 
     # -- compression -----------------------------------------------------------------------
-    def score_inputs(self) -> ScoreInputs:
-        n = self.capture.n_rows
-        return ScoreInputs(keys=self.capture.keys[:n], vnorm=self.capture.vnorm[:n],
-                           pos=self.capture.pos[:n], stats=self.capture.stats,
-                           rope=self.capture.rope, next_pos=self.next_pos, n_head=self.n_head,
-                           n_sink=self.n_sink)
+    def score_inputs(self, state: np.ndarray | None = None) -> ScoreInputs:
+        """What presses score: the cells as llama.cpp holds them (the sequence state, read now
+        unless given), the query statistics, the recent queries and the model's rope."""
+        raw = self.cache.get_state() if state is None else state
+        try:
+            parsed = SeqState.parse(raw)
+        except ValueError as e:
+            raise LlamaKVError(f"llamakv cannot read this cache's state layout: {e}") from e
+        window_q, window_pos = self.capture.recent_queries()
+        return ScoreInputs(state=parsed, stats=self.capture.stats, rope=self.capture.rope,
+                           next_pos=self.next_pos, n_head=self.n_head, n_head_kv=self.n_head_kv,
+                           head_dim=self.head_dim, n_sink=self.n_sink, window_q=window_q,
+                           window_pos=window_pos)
 
     def compress(self, ratio: float, *, press: Press | None = None, aggregation: str | None = None,
-                 compact: bool = True) -> CompressionReport:
-        """Evict `ratio` of the compressible cells (all but the sinks and the newest position),
-        those with the lowest aggregated score; then compact the cache so n_kv shrinks."""
+                 compact: bool = True, protect_recent: int = 1) -> CompressionReport:
+        """Evict `ratio` of the compressible cells (all but the sinks and the `protect_recent`
+        newest positions, e.g. a question already in the cache), those with the lowest
+        aggregated score; then compact the cache so n_kv shrinks."""
         if not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0) or math.isnan(ratio):
             raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
         press = press or self.press
         aggregation = aggregation or self.aggregation
-        if self.capture.n_rows == 0:
-            raise LlamaKVError("nothing to compress: prefill a prompt first (with capture enabled)")
-        cells_before = self.n_cells
-        bytes_before = self.cache.state_size()
+        if self.n_cells == 0:
+            raise LlamaKVError("nothing to compress: prefill a prompt first")
+        if not self.capture.stats.count.any():
+            raise LlamaKVError("no queries were captured: prefill with capture enabled before compressing")
         n_kv_before = int(self.capture.n_kv.max())
 
         t0 = time.perf_counter()
-        inputs = self.score_inputs()
+        raw = self.cache.get_state(self._state_in)
+        t1 = time.perf_counter()
+        inputs = self.score_inputs(raw)
         pos = inputs.pos
-        protected = (pos < self.n_sink) | (pos == self.next_pos - 1)
-        cell_scores = aggregate(press.score(inputs), aggregation)
+        protected = (pos < self.n_sink) | (pos >= self.next_pos - max(1, protect_recent))
         candidates = np.flatnonzero(~protected)
         n_evict = int(math.floor(ratio * len(candidates)))
+        cell_scores = aggregate(press.score(inputs), aggregation, n_keep=len(candidates) - n_evict)
         order = np.argsort(cell_scores[candidates], kind="stable")
         evict_rows = np.sort(candidates[order[:n_evict]])
-        t1 = time.perf_counter()
+        t2 = time.perf_counter()
 
         evicted = pos[evict_rows]
         runs = len(position_runs(evicted))
-        evict_s, compact_s, compacted = self._evict(evicted, compact and n_evict > 0)
-        keep = np.ones(len(pos), dtype=bool)
-        keep[evict_rows] = False
-        self.capture.keep_rows(np.flatnonzero(keep))
+        compacted = compact and n_evict > 0
+        if compacted:
+            keep = np.ones(len(pos), dtype=bool)
+            keep[evict_rows] = False
+            edited = inputs.state.keep(np.flatnonzero(keep), self._state_out)
+            t3 = time.perf_counter()
+            self.cache.set_state(edited, fallback=raw)
+        else:
+            self.cache.evict(evicted)
+            t3 = time.perf_counter()
+        t4 = time.perf_counter()
         self.n_cells -= len(evict_rows)
 
         self.last_report = CompressionReport(
             method=press.name, aggregation=aggregation, ratio=float(ratio),
-            cells_before=cells_before, cells_after=self.n_cells, evicted=len(evict_rows), runs=runs,
-            kv_bytes_before=bytes_before, kv_bytes_after=self.cache.state_size(),
-            unscored_cells=cells_before - len(pos), compacted=compacted,
-            capture_s=self.capture.capture_seconds - self._capture_mark, scoring_s=t1 - t0,
-            eviction_s=evict_s, compaction_s=compact_s, n_kv_before=n_kv_before)
+            cells_before=len(pos), cells_after=self.n_cells, evicted=len(evict_rows), runs=runs,
+            kv_bytes_before=len(raw), kv_bytes_after=self.cache.state_size(),
+            protected_cells=int(protected.sum()), compacted=compacted,
+            capture_s=self.capture.capture_seconds - self._capture_mark, state_read_s=t1 - t0,
+            scoring_s=t2 - t1, eviction_s=t3 - t2, compaction_s=t4 - t3, n_kv_before=n_kv_before)
         self._capture_mark = self.capture.capture_seconds
         return self.last_report
-
-    def _evict(self, positions: np.ndarray, compact: bool) -> tuple[float, float, bool]:
-        """Free the cells of these positions; returns (eviction s, compaction s, compacted).
-
-        With compaction, the state is read once before eviction (then usually one contiguous
-        run; a state full of holes is read one element per run when V is transposed, which took
-        8.6 s for 600 cells on an H100), the cells are dropped from it on the host and it is
-        written back contiguously from cell 0. Otherwise, one seq_rm per run of positions."""
-        if compact:
-            t0 = time.perf_counter()
-            state = self.cache.get_state()
-            t1 = time.perf_counter()
-            try:
-                edited = drop_cells(state, positions)
-            except ValueError:  # a layout drop_cells does not know: evict, then round trip
-                pass
-            else:
-                t2 = time.perf_counter()
-                self.cache.set_state(edited, fallback=state)
-                return t2 - t1, (t1 - t0) + (time.perf_counter() - t2), True
-        t0 = time.perf_counter()
-        self.cache.evict(positions)
-        t1 = time.perf_counter()
-        if compact:
-            self.cache.compact()
-        return t1 - t0, time.perf_counter() - t1, compact
 
     # -- generation ------------------------------------------------------------------------
     def _sampler(self, temperature: float, top_k: int, top_p: float, seed: int):
@@ -374,7 +414,7 @@ class KVSession:
                 if llama_cpp.llama_vocab_is_eog(self.vocab, tok):
                     break
                 piece = decoder.decode(self.token_bytes(tok))
-                self._decode([tok])
+                self._decode([tok], capture=self.capture_generation)
                 if stop:
                     text += piece
                     hit = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
@@ -408,24 +448,17 @@ class KVSession:
     def snapshot(self) -> "Snapshot":
         """The sequence as it is now (cells and captured data), to restore() later: prefill once,
         then try several compressions."""
-        n = self.capture.n_rows
-        c = self.capture
-        return Snapshot(
-            llama_state=self.cache.get_state(), keys=c.keys[:n].copy(), vnorm=c.vnorm[:n].copy(),
-            pos=c.pos[:n].copy(), stats={k: v.copy() for k, v in c.stats.arrays().items()},
-            rope={k: getattr(c, k).copy() for k in _ROPE_ARRAYS},
-            next_pos=self.next_pos, n_cells=self.n_cells)
+        captured = {k: v.copy() for k, v in self.capture.state_arrays().items()}
+        return Snapshot(llama_state=self.cache.get_state(), captured=captured,
+                        next_pos=self.next_pos, n_cells=self.n_cells)
 
     def restore(self, snap: "Snapshot") -> None:
         """Put a snapshot back; if llama.cpp refuses it, the current cache is kept."""
-        if len(snap.pos) > self.n_ctx or snap.n_cells > self.n_ctx:
+        if snap.n_cells > self.n_ctx:
             raise StateError(f"the state holds {snap.n_cells} cells, more than n_ctx {self.n_ctx}")
         backup = self.cache.get_state() if self.n_cells else None
         self.cache.set_state(snap.llama_state, fallback=backup)
-        self.capture.load_rows(snap.keys, snap.vnorm, snap.pos)
-        self.capture.stats.restore(snap.stats)
-        for k in _ROPE_ARRAYS:
-            getattr(self.capture, k)[:] = snap.rope[k]
+        self.capture.load_state_arrays(snap.captured)
         self.next_pos = snap.next_pos
         self.n_cells = snap.n_cells
         self._has_logits = False
@@ -438,8 +471,7 @@ class KVSession:
         meta = {"magic": STATE_MAGIC, "version": STATE_VERSION, "model": self.fingerprint(),
                 "next_pos": snap.next_pos, "n_cells": snap.n_cells, "extra": extra or {}}
         arrays = dict(meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-                      llama_state=snap.llama_state,
-                      keys=snap.keys, vnorm=snap.vnorm, pos=snap.pos, **snap.stats, **snap.rope)
+                      llama_state=snap.llama_state, **snap.captured)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
@@ -472,11 +504,9 @@ class KVSession:
         if meta["model"] != mine:
             diff = {k: (meta["model"].get(k), v) for k, v in mine.items() if meta["model"].get(k) != v}
             raise StateError(f"{path} was saved from another model (saved vs loaded: {diff})")
-        stats = {k: data[k] for k in ("q_count", "q_mean", "q_m2", "q_cov") if k in data}
-        self.restore(Snapshot(
-            llama_state=data["llama_state"], keys=data["keys"], vnorm=data["vnorm"],
-            pos=data["pos"], stats=stats, rope={k: data[k] for k in _ROPE_ARRAYS},
-            next_pos=int(meta["next_pos"]), n_cells=int(meta["n_cells"])))
+        captured = {k: v for k, v in data.items() if k not in ("meta", "llama_state")}
+        self.restore(Snapshot(llama_state=data["llama_state"], captured=captured,
+                              next_pos=int(meta["next_pos"]), n_cells=int(meta["n_cells"])))
         return meta.get("extra", {})
 
     def reset(self) -> None:

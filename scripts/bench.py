@@ -2,10 +2,12 @@
 """Benchmark of llamakv: capture overhead, compression cost, decode speed (CPU or GPU).
 
 For each prompt length (the bundled document, repeated): prefill speed with no callback at all,
-with the callback installed but capture off, and with capture on; the compression time breakdown
-at --ratio; and decode speed with the full cache, after compression with compaction, after
-compression without it, and with a plain cache holding as many cells as the compressed one
-(prefilled directly). All variants run in the same process, alternated, best of --repeat. On a
+with the callback installed but capture off, with capture on (queries of every token into the
+statistics) and with the statistics taken from the last --stats-window tokens; the compression
+time breakdown at --ratio; and decode speed with the full cache, after compression with
+compaction, after compression without it, and with a plain cache holding as many cells as the
+compressed one (prefilled directly), all with capture off during decoding, plus the compacted
+cache with capture on. All variants run in the same process, alternated, best of --repeat. On a
 GPU, the memory nvidia-smi reports after the runs of each length is printed too.
 
     python scripts/bench.py --lengths 1024 4096 --threads 2 > benchmarks/cpu.md
@@ -42,11 +44,12 @@ def plain_prefill(llama: llama_cpp.Llama, tokens: list[int]) -> float:
     return time.perf_counter() - t0
 
 
-def timed_prefill(s: KVSession, tokens: list[int], capture: bool) -> float:
+def timed_prefill(s: KVSession, tokens: list[int], capture: bool, stats_window: int | None = None) -> float:
     s.reset()
     s.capture.enabled = capture
+    s.stats_window = stats_window
     t0 = time.perf_counter()
-    s.prefill(tokens)
+    s.prefill(tokens, progress=lambda done, total: None)
     dt = time.perf_counter() - t0
     s.capture.enabled = True
     return dt
@@ -61,11 +64,15 @@ def gpu_memory() -> str:
         return ""
 
 
-def decode_speed(s: KVSession, n: int, token: int) -> float:
+def decode_speed(s: KVSession, n: int, token: int, capture: bool = False) -> float:
+    s.capture.enabled = capture
+    s.prefill([token])  # warm-up
     t0 = time.perf_counter()
     for _ in range(n):
         s.prefill([token])
-    return n / (time.perf_counter() - t0)
+    dt = time.perf_counter() - t0
+    s.capture.enabled = True
+    return n / dt
 
 
 def main(argv=None) -> int:
@@ -79,6 +86,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("-ngl", "--n-gpu-layers", type=int, default=0)
     ap.add_argument("-fa", "--flash-attn", action="store_true")
+    ap.add_argument("--stats-window", type=int, default=1024,
+                    help="last tokens whose queries feed the statistics, in the last prefill column")
     args = ap.parse_args(argv)
 
     path = resolve_model(args.model)
@@ -93,27 +102,41 @@ def main(argv=None) -> int:
     rows = []
     for n in args.lengths:
         tokens = (doc_tokens * (n // len(doc_tokens) + 1))[:n]
-        times = {"no callback": [], "capture off": [], "capture on": []}
+        sampled = f"capture on, last {args.stats_window} tokens"
+        times = {"no callback": [], "capture off": [], "capture on": [], sampled: []}
         for r in range(args.repeat):
             log(f"[{n} tokens] prefill round {r + 1}/{args.repeat}")
             times["no callback"].append(plain_prefill(plain, tokens))
             times["capture off"].append(timed_prefill(s, tokens, False))
             times["capture on"].append(timed_prefill(s, tokens, True))
+            times[sampled].append(timed_prefill(s, tokens, True, args.stats_window))
+            log("  " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
         best = {k: min(v) for k, v in times.items()}
-        snap = s.snapshot()
-        log(f"[{n} tokens] decode and compression")
-        rep = s.compress(args.ratio, compact=True)  # right after the captured prefill
+        snap = s.snapshot()  # after the last-tokens-capture prefill
+        log(f"[{n} tokens] compression and decode")
+        rep = s.compress(args.ratio, compact=True)
+        log("  " + rep.format().replace("\n", "\n  "))
         dec_compact = decode_speed(s, args.decode_tokens, doc_tokens[5])
+        dec_compact_capture = decode_speed(s, args.decode_tokens, doc_tokens[5], capture=True)
+        s.restore(snap)
+        warm = s.compress(args.ratio, compact=True)  # buffers allocated by the first one are reused
+        warm.capture_s = rep.capture_s
+        log("  again:\n  " + warm.format().replace("\n", "\n  "))
         s.restore(snap)
         dec_full = decode_speed(s, args.decode_tokens, doc_tokens[5])
         s.restore(snap)
         s.compress(args.ratio, compact=False)
         dec_nocompact = decode_speed(s, args.decode_tokens, doc_tokens[5])
         s.reset()
+        s.capture.enabled = False
         s.prefill(tokens[:rep.cells_after])
+        s.capture.enabled = True
         dec_plain = decode_speed(s, args.decode_tokens, doc_tokens[5])
-        compress_s = rep.scoring_s + rep.eviction_s + rep.compaction_s
-        rows.append((n, best, rep, compress_s, dec_full, dec_compact, dec_nocompact, dec_plain, gpu_memory()))
+        log(f"  decode full {dec_full:.1f}, compacted {dec_compact:.1f} (capture on {dec_compact_capture:.1f}), "
+            f"not compacted {dec_nocompact:.1f}, plain {dec_plain:.1f} tok/s")
+        rows.append((n, best, warm, warm.compression_s, dec_full, dec_compact, dec_nocompact, dec_plain,
+                     dec_compact_capture, gpu_memory()))
+        del snap
 
     versions = f"llamakv 0.1.0, llama-cpp-python {metadata.version('llama_cpp_python')}"
     where = f"GPU {gpu_memory().split(',')[0]}, n_gpu_layers {args.n_gpu_layers}" if args.n_gpu_layers else "CPU"
@@ -122,26 +145,33 @@ def main(argv=None) -> int:
           f"{'on' if args.flash_attn else 'off'}, ratio {args.ratio}, best of {args.repeat}.\n")
     print("Command: `python scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`\n")
     print("## Prefill (tok/s)\n")
-    print("| tokens | no callback | callback, capture off | capture on | capture cost |")
-    print("|---:|---:|---:|---:|---:|")
+    print(f"| tokens | no callback | callback, capture off | capture on (every token) | cost | capture on, last "
+          f"{args.stats_window} tokens | cost |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for n, best, *_ in rows:
-        cost = best["capture on"] / best["capture off"] - 1
-        print(f"| {n} | {n / best['no callback']:.1f} | {n / best['capture off']:.1f} | "
-              f"{n / best['capture on']:.1f} | {100 * cost:+.1f}% |")
-    print("\n## Compression (ratio %g)\n" % args.ratio)
-    print("Capture ms is the time the callback spent copying and accumulating during the prefill; "
-          "total is scoring + eviction + compaction.\n")
-    print("| tokens | cells | capture ms | scoring ms | eviction ms (runs) | compaction ms | total ms | % of prefill |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+        b = list(best.values())
+        print(f"| {n} | {n / b[0]:.1f} | {n / b[1]:.1f} | {n / b[2]:.1f} | {100 * (b[2] / b[0] - 1):+.1f}% | "
+              f"{n / b[3]:.1f} | {100 * (b[3] / b[0] - 1):+.1f}% |")
+    print("\nCost: prefill time relative to no callback at all.\n")
+    print("## Compression (ratio %g)\n" % args.ratio)
+    print("Second compression of the same prefill (host buffers allocated by the first are reused; the "
+          "first one's times are in the log). Capture ms is the time the callback spent copying and accumulating during the (sampled) prefill; "
+          "total = state read + scoring + eviction (host-side drop of the cells) + compaction (state write), "
+          "relative to the prefill without callback.\n")
+    print("| tokens | cells | capture ms | state read ms | scoring ms | eviction ms | compaction ms | total ms "
+          "| % of prefill |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for n, best, rep, cs, *_ in rows:
-        print(f"| {n} | {rep.cells_before} → {rep.cells_after} | {rep.capture_s * 1e3:.0f} | {rep.scoring_s * 1e3:.0f} | "
-              f"{rep.eviction_s * 1e3:.0f} ({rep.runs}) | {rep.compaction_s * 1e3:.0f} | {cs * 1e3:.0f} | "
-              f"{100 * cs / best['capture on']:.1f}% |")
-    print("\n## Decode (tok/s, %d tokens, capture on)\n" % args.decode_tokens)
-    print("| tokens | full cache | compressed + compacted | compressed, not compacted | plain cache of the compressed size |")
-    print("|---:|---:|---:|---:|---:|")
-    for n, best, rep, cs, d0, d1, d2, d3, _ in rows:
-        print(f"| {n} | {d0:.1f} | {d1:.1f} | {d2:.1f} | {d3:.1f} ({rep.cells_after} cells) |")
+        print(f"| {n} | {rep.cells_before} → {rep.cells_after} | {rep.capture_s * 1e3:.0f} | "
+              f"{rep.state_read_s * 1e3:.0f} | {rep.scoring_s * 1e3:.0f} | {rep.eviction_s * 1e3:.0f} | "
+              f"{rep.compaction_s * 1e3:.0f} | {cs * 1e3:.0f} | {100 * cs / best['no callback']:.1f}% |")
+    print("\n## Decode (tok/s, %d tokens, capture off unless said)\n" % args.decode_tokens)
+    print("| tokens | full cache | compressed + compacted | same, capture on | compressed, not compacted "
+          "| plain cache of the compressed size | compacted / plain |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for n, best, rep, cs, d0, d1, d2, d3, d1c, _ in rows:
+        print(f"| {n} | {d0:.1f} | {d1:.1f} | {d1c:.1f} | {d2:.1f} | {d3:.1f} ({rep.cells_after} cells) | "
+              f"{100 * d1 / d3:.1f}% |")
     if args.n_gpu_layers:
         print("\n## GPU memory in use after each length (nvidia-smi)\n")
         for n, *_, mem in rows:

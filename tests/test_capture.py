@@ -1,4 +1,5 @@
-"""The callback captures the right tensors: RoPE, statistics, keys and values match llama.cpp."""
+"""The callback captures the right queries (statistics, recent window, RoPE), and the keys and values
+read from the cache state are llama.cpp's."""
 import numpy as np
 import pytest
 
@@ -33,20 +34,33 @@ def test_rope_of_captured_query_reproduces_llama_cpp(fresh_any, text_tokens):
     assert np.abs(pre - post).max() > 0.1 * np.abs(post).max()
 
 
-def test_stored_keys_are_llama_cpp_keys_after_rope(fresh_any, text_tokens):
+def test_keys_read_from_the_cache_are_llama_cpp_keys_after_rope(fresh_any, text_tokens):
     pre = probe_per_decode(fresh_any, f"Kcur-{LAYER}", "RESHAPE", text_tokens, 100)
     n = len(text_tokens)
-    assert fresh_any.capture.n_rows == n
-    np.testing.assert_array_equal(fresh_any.capture.pos[:n], np.arange(n))
+    inputs = fresh_any.score_inputs()
+    np.testing.assert_array_equal(inputs.pos, np.arange(n))
     expected = fresh_any.capture.rope(LAYER).rotate(pre, np.arange(n))
-    stored = fresh_any.capture.keys[:n, LAYER].astype(np.float64)
+    stored = inputs.layer_keys(LAYER).astype(np.float64)  # fp16 in the cache
     assert np.abs(stored - expected).max() <= 2e-3 * np.abs(expected).max()
+    assert np.abs(stored - pre).max() > 0.1 * np.abs(expected).max()  # RoPE was applied
 
 
-def test_value_norms_match_captured_values(fresh_any, text_tokens):
+def test_value_norms_read_from_the_cache(fresh_any, text_tokens):
     v = probe_per_decode(fresh_any, f"Vcur-{LAYER}", "RESHAPE", text_tokens, 100)
-    n = len(text_tokens)
-    np.testing.assert_allclose(fresh_any.capture.vnorm[:n, LAYER], np.linalg.norm(v, axis=-1), rtol=1e-5)
+    np.testing.assert_allclose(fresh_any.score_inputs().vnorm[:, LAYER], np.linalg.norm(v, axis=-1), rtol=2e-3)
+
+
+def test_window_holds_the_most_recent_queries(fresh_any, text_tokens):
+    q = probe_per_decode(fresh_any, f"Qcur-{LAYER}", "RESHAPE", text_tokens, 50)
+    window, pos = fresh_any.capture.recent_queries()
+    w = fresh_any.capture.window_cap
+    assert window.shape[1] == len(pos) == w
+    np.testing.assert_array_equal(pos, np.arange(len(text_tokens) - w, len(text_tokens)))
+    np.testing.assert_array_equal(window[LAYER], q[-w:])
+    fresh_any.prefill(text_tokens[:3])  # one more decode call: the ring moves by 3
+    window, pos = fresh_any.capture.recent_queries()
+    assert pos[-1] == len(text_tokens) + 2 and pos[0] == len(text_tokens) + 3 - w
+    np.testing.assert_array_equal(window[LAYER, :-3], q[-w + 3:])
 
 
 def test_statistics_equal_numpy_over_several_decode_calls(fresh_any, text_tokens):
@@ -58,18 +72,57 @@ def test_statistics_equal_numpy_over_several_decode_calls(fresh_any, text_tokens
     np.testing.assert_allclose(stats.variance()[LAYER], rows.var(axis=0), rtol=1e-9, atol=1e-9)
 
 
+def test_statistics_from_the_last_rows_of_each_ubatch(fresh_any, text_tokens):
+    q = probe_per_decode(fresh_any, f"Qcur-{LAYER}", "RESHAPE", text_tokens, 40).astype(np.float64)
+    fresh_any.reset()
+    fresh_any.stats_rows = 10
+    try:
+        for i in range(0, len(text_tokens), 40):
+            fresh_any.prefill(text_tokens[i:i + 40])
+    finally:
+        fresh_any.stats_rows = None
+    idx = np.concatenate([np.arange(i, min(i + 40, len(q)))[-10:] for i in range(0, len(q), 40)])
+    rows = q[idx[idx >= fresh_any.n_sink]]
+    stats = fresh_any.capture.stats
+    assert stats.count[LAYER] == len(rows) < len(q) // 2
+    np.testing.assert_allclose(stats.mean[LAYER], rows.mean(axis=0), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(stats.variance()[LAYER], rows.var(axis=0), rtol=1e-9, atol=1e-9)
+
+
+def test_statistics_from_the_last_tokens_of_a_prefill(fresh_any, text_tokens):
+    tokens = (text_tokens * 4)[:600]  # two ubatches of one decode call
+    q = probe_per_decode(fresh_any, f"Qcur-{LAYER}", "RESHAPE", tokens, 100).astype(np.float64)
+    fresh_any.capture.clear_probe()
+    fresh_any.reset()
+    fresh_any.stats_window = 30
+    observed = fresh_any.capture.n_observed
+    try:
+        fresh_any.prefill(tokens)
+    finally:
+        fresh_any.stats_window = None
+    assert fresh_any._switch.switchable  # llama.cpp as expected: the callback can be switched off
+    # the callback ran for the last ubatch only (window and statistics), once per layer
+    assert fresh_any.capture.n_observed - observed == fresh_any.n_layer
+    stats = fresh_any.capture.stats
+    assert stats.count[LAYER] == 30
+    np.testing.assert_allclose(stats.mean[LAYER], q[-30:].mean(axis=0), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(stats.variance()[LAYER], q[-30:].var(axis=0), rtol=1e-7, atol=1e-9)
+
+
 def test_capture_switches_off_and_resets(fresh_any, text_tokens):
     observed = fresh_any.capture.n_observed
     fresh_any.capture.enabled = False
-    fresh_any.prefill(text_tokens[:50])
+    try:
+        fresh_any.prefill(text_tokens[:50])
+    finally:
+        fresh_any.capture.enabled = True
     assert fresh_any.capture.n_observed == observed
-    assert fresh_any.capture.n_rows == 0 and fresh_any.capture.stats.count.sum() == 0
-    fresh_any.capture.enabled = True
+    assert fresh_any.capture.stats.count.sum() == 0 and fresh_any.capture.window_len == 0
     fresh_any.prefill(text_tokens[50:100])
-    assert fresh_any.capture.n_rows == 50
     assert (fresh_any.capture.stats.count == 50).all()
+    assert fresh_any.n_cells == 100
     fresh_any.capture.reset()
-    assert fresh_any.capture.n_rows == 0 and fresh_any.capture.stats.count.sum() == 0
+    assert fresh_any.capture.stats.count.sum() == 0 and fresh_any.capture.window_len == 0
 
 
 def test_full_covariance_matches_numpy(tiny_gguf):

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from llamakv.scoring import ExpectedAttention, aggregate
+from llamakv.scoring import PRESSES, TOVA, ExpectedAttention, KNorm, SnapKV, aggregate, make_press
 from conftest import needle_prompt
 
 
@@ -57,7 +57,7 @@ def test_scores_equal_numpy_reference(prefilled, where):
     layer = round(where * (prefilled.n_layer - 1))
     press = ExpectedAttention(n_future_positions=64, epsilon=0.01)
     ours = press.score(prefilled.score_inputs())[layer]
-    mask = prefilled.capture.pos[:prefilled.capture.n_rows] >= prefilled.n_sink
+    mask = prefilled.score_inputs().pos >= prefilled.n_sink
     ref = reference_scores(prefilled, layer, 64, 0.01)
     np.testing.assert_allclose(ours[:, mask], ref, rtol=1e-3)  # ours: float32 throughout
     assert np.isinf(ours[:, ~mask]).all()  # sinks are never candidates
@@ -76,7 +76,7 @@ def test_closed_form_matches_monte_carlo(prefilled):
     rng = np.random.default_rng(0)
     q = rng.multivariate_normal(mu, cov, size=400_000)
     group = prefilled.n_head // prefilled.n_head_kv
-    keys = prefilled.capture.keys[:prefilled.capture.n_rows, layer, h // group].astype(np.float64)
+    keys = prefilled.score_inputs().layer_keys(layer)[:, h // group].astype(np.float64)
     some = np.linspace(prefilled.n_sink, len(keys) - 1, 12).astype(int)
     mc = np.log(np.exp(q @ keys[some].T / math.sqrt(d)).mean(axis=0))
     np.testing.assert_allclose(z[some], mc, atol=0.02 + 0.01 * np.abs(mc).max())
@@ -90,3 +90,68 @@ def test_aggregation_policies():
     np.testing.assert_allclose(aggregate(scores, "max")[:3], [0.5, 0.5, 0.7])
     with pytest.raises(ValueError, match="unknown aggregation"):
         aggregate(scores, "median")
+
+
+def test_votes_aggregation():
+    # 2 heads, 5 cells; each head keeps 2: head 0 votes for cells 0 and 1, head 1 for 1 and 3
+    scores = np.array([[[9.0, 8.0, 1.0, 2.0, 0.5], [0.1, 9.0, 0.2, 8.0, 0.3]]])
+    v = aggregate(scores, "votes", n_keep=2)
+    assert np.argmax(v) == 1  # two votes
+    assert set(np.argsort(-v)[1:3]) == {0, 3}  # one vote each
+    assert v[1] > v[0] > v[2] and v[3] > v[4]
+
+
+def post_rope_query_of_last_token(session, tokens, layer):
+    """Prefill tokens; the post-RoPE query of the last one, probed from llama.cpp's graph."""
+    session.capture.set_probe(f"Qcur-{layer}", session.capture.shim.op_code("ROPE"), 512 * 16 * 64)
+    try:
+        session.prefill(tokens)
+        return session.capture.probe_result()[-1].astype(np.float64)  # [H, d]
+    finally:
+        session.capture.clear_probe()
+
+
+def test_window_presses_match_attention_from_llama_cpp_queries(fresh_any):
+    layer = 5
+    context, _, _ = needle_prompt(n_repeats=8, at=3)
+    q = post_rope_query_of_last_token(fresh_any, fresh_any.tokenize(context), layer)
+    inputs = fresh_any.score_inputs()
+    keys = inputs.layer_keys(layer).astype(np.float64)
+    H, Hk, d = fresh_any.n_head, fresh_any.n_head_kv, fresh_any.head_dim
+    mask = inputs.pos >= fresh_any.n_sink
+    z = np.einsum("hd,nhd->hn", q, np.repeat(keys, H // Hk, axis=1)[mask]) / math.sqrt(d)
+    att = np.exp(z - z.max(axis=1, keepdims=True))
+    att /= att.sum(axis=1, keepdims=True)
+    ref = att.reshape(Hk, H // Hk, -1).mean(axis=1)
+    tova = TOVA().score(inputs)[layer]
+    np.testing.assert_allclose(tova[:, mask], ref, rtol=2e-3, atol=1e-6)
+    assert np.isinf(tova[:, ~mask]).all()
+    # SnapKV with a window of one query and no pooling is the same attention
+    plain = SnapKV(window=1, kernel=1).score(inputs)[layer][:, mask]
+    np.testing.assert_allclose(plain, ref, rtol=2e-3, atol=1e-6)
+    # pooling takes the max over neighbouring positions
+    pooled = SnapKV(window=1, kernel=3).score(inputs)[layer][:, mask]
+    assert (pooled >= plain).all() and (pooled[:, :-1] >= plain[:, 1:]).all() and (pooled > plain).any()
+
+
+def test_every_press_scores_and_compresses(fresh_any):
+    context, _, _ = needle_prompt(n_repeats=12, at=3)
+    fresh_any.prefill(context)
+    inputs = fresh_any.score_inputs()
+    knorm = KNorm().score(inputs)
+    np.testing.assert_allclose(knorm[3, :, 10], -np.linalg.norm(inputs.layer_keys(3)[10], axis=-1), rtol=1e-5)
+    snap = fresh_any.snapshot()
+    for name in PRESSES:
+        fresh_any.restore(snap)
+        scores = make_press(name).score(fresh_any.score_inputs())
+        assert scores.shape == (fresh_any.n_layer, fresh_any.n_head_kv, inputs.n_cells), name
+        assert np.isinf(scores[:, :, inputs.pos < fresh_any.n_sink]).all(), name
+        assert np.isfinite(scores[:, :, inputs.pos >= fresh_any.n_sink]).all(), name
+        rep = fresh_any.compress(0.5, press=make_press(name))
+        assert rep.method == name and rep.cells_after < rep.cells_before
+    fresh_any.restore(snap)
+    fresh_any.compress(0.5, press=make_press("streaming_llm"))
+    kept = fresh_any.score_inputs().pos
+    n = len(inputs.pos)
+    n_keep = n - (n - fresh_any.n_sink - 1) // 2
+    np.testing.assert_array_equal(np.sort(kept), np.r_[0:fresh_any.n_sink, n - (n_keep - fresh_any.n_sink):n])
