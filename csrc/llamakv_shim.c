@@ -22,6 +22,10 @@
 #include <math.h>
 #include <time.h>
 
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 #include "ggml.h"
 #include "ggml-backend.h"
 #include "llamakv_shim.h"
@@ -152,14 +156,20 @@ static void merge_queries(llamakv_capture * c, int il, const float * q, int64_t 
     const int64_t n_b = n_tok - skip;
     if (n_b <= 0) return;
     double * sum = c->q_work, * sq = c->q_work + hd;
-    for (int64_t j = 0; j < hd; ++j) sum[j] = sq[j] = 0.0;
-    for (int64_t t = skip; t < n_tok; ++t) {
-        const float * x = q + t * hd;
-        for (int64_t j = 0; j < hd; ++j) {
-            const double v = x[j];
-            sum[j] += v;
-            sq[j] += v * v;
+    enum { BLOCK = 64 };  /* a block of dimensions stays in registers / L1 across the rows */
+    for (int64_t j0 = 0; j0 < hd; j0 += BLOCK) {
+        const int64_t nb = hd - j0 < BLOCK ? hd - j0 : BLOCK;
+        double s1[BLOCK] = {0}, s2[BLOCK] = {0};
+        for (int64_t t = skip; t < n_tok; ++t) {
+            const float * x = q + t * hd + j0;
+            for (int64_t j = 0; j < nb; ++j) {
+                const double v = x[j];
+                s1[j] += v;
+                s2[j] += v * v;
+            }
         }
+        memcpy(sum + j0, s1, nb * sizeof(double));
+        memcpy(sq + j0, s2, nb * sizeof(double));
     }
     double * count = c->q_count + il;
     const double n_a = *count, n = n_a + (double) n_b, w = n_a * (double) n_b / n;
@@ -208,7 +218,11 @@ static void observe_query(llamakv_capture * c, const struct ggml_tensor * t, int
     }
     const int64_t rs = stats_rows_of(c), rw = window_rows_of(c);
     const int64_t r = rs > rw ? rs : rw;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     int err = read_rows_f32(c, t, n_tok - r, c->q_stage, (int64_t) c->n_ubatch * per_tok);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    c->copy_ns += (int64_t) (t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);
     if (err) { set_error(c, err); return; }
     if (rs > 0) merge_queries(c, il, c->q_stage + (r - rs) * per_tok, rs, c->ubatch_pos0 + n_tok - rs);
     for (int64_t i = 0; i < rw; ++i) {
@@ -261,9 +275,21 @@ static ggml_to_float_t to_float_of(int32_t type) {
     return ggml_get_type_traits((enum ggml_type) type)->to_float;
 }
 
-/* row -> float: F32 copied, other types through ggml's own dequantisation */
+/* row -> float: F32 copied, F16 with the CPU's conversion instructions where there are (ggml-base's
+ * own conversion is scalar, and was most of the scoring time), other types through ggml's own
+ * dequantisation */
 static int row_to_float(const uint8_t * row, int32_t type, int64_t n, float * out) {
     if (type == GGML_TYPE_F32) { memcpy(out, row, n * sizeof(float)); return 0; }
+#if defined(__F16C__)
+    if (type == GGML_TYPE_F16) {
+        int64_t j = 0;
+        for (; j + 8 <= n; j += 8) {
+            _mm256_storeu_ps(out + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (row + 2 * j))));
+        }
+        if (j < n) ggml_fp16_to_fp32_row((const ggml_fp16_t *) (row + 2 * j), out + j, n - j);
+        return 0;
+    }
+#endif
     ggml_to_float_t f = to_float_of(type);
     if (f == NULL) return ERR_BAD_TYPE;
     f(row, out, n);
@@ -281,12 +307,18 @@ int32_t llamakv_rows_to_float(const uint8_t * rows, int32_t type, int64_t row_by
     return 0;
 }
 
-/* dot product with 8 independent accumulators, so the compiler vectorises it without -ffast-math */
+/* 8-wide vectors (GCC/Clang vector extension: AVX, SSE or NEON, whatever -march gives) */
+typedef float v8f __attribute__((vector_size(32)));
+
 static inline float dot(const float * a, const float * b, int32_t n) {
-    float acc[8] = {0};
+    v8f acc = {0};
     int32_t j = 0;
-    for (; j + 8 <= n; j += 8)
-        for (int u = 0; u < 8; ++u) acc[u] += a[j + u] * b[j + u];
+    for (; j + 8 <= n; j += 8) {
+        v8f x, y;
+        memcpy(&x, a + j, sizeof x);
+        memcpy(&y, b + j, sizeof y);
+        acc += x * y;
+    }
     float s = 0.0f;
     for (; j < n; ++j) s += a[j] * b[j];
     for (int u = 0; u < 8; ++u) s += acc[u];
@@ -295,25 +327,29 @@ static inline float dot(const float * a, const float * b, int32_t n) {
 
 int32_t llamakv_ea_logits(const uint8_t * rows, int32_t type, int64_t row_bytes, int64_t n_cells,
                           int32_t n_head, int32_t n_head_kv, int32_t head_dim,
-                          const float * w, const float * dq, const float * cp,
-                          const int32_t * pa, const int32_t * pb, int32_t n_pairs, float * z) {
+                          const float * m, const int32_t * perm, int32_t n_pairs, float * z) {
     if (check_type(type)) return ERR_BAD_TYPE;
     const int64_t per_row = (int64_t) n_head_kv * head_dim;
-    const int32_t group = n_head / n_head_kv;
-    float * k = malloc((per_row + head_dim + n_pairs) * sizeof(float));
+    const int32_t group = n_head / n_head_kv, d = head_dim, P = n_pairs, F = 2 * head_dim + n_pairs;
+    float * k = malloc((per_row + F) * sizeof(float));
     if (k == NULL) return ERR_NO_MEMORY;
-    float * kk = k + per_row, * kp = kk + head_dim;  /* squares and pair products of one head */
+    float * f = k + per_row;  /* features of one key: [k (pair-major) | k^2 | pair products] */
+    bool identity = true;
+    for (int32_t j = 0; j < d; ++j) identity = identity && perm[j] == j;
     for (int64_t i = 0; i < n_cells; ++i) {
         row_to_float(rows + i * row_bytes, type, per_row, k);
         for (int32_t g = 0; g < n_head_kv; ++g) {
-            const float * kg = k + (int64_t) g * head_dim;
-            for (int32_t j = 0; j < head_dim; ++j) kk[j] = kg[j] * kg[j];
-            for (int32_t p = 0; p < n_pairs; ++p) kp[p] = kg[pa[p]] * kg[pb[p]];
-            for (int32_t h = g * group; h < (g + 1) * group; ++h) {
-                z[(int64_t) h * n_cells + i] = dot(kg, w + (int64_t) h * head_dim, head_dim) +
-                                               dot(kk, dq + (int64_t) h * head_dim, head_dim) +
-                                               dot(kp, cp + (int64_t) h * n_pairs, n_pairs);
+            const float * src = k + (int64_t) g * d;
+            if (identity) {
+                memcpy(f, src, d * sizeof(float));
+            } else if (2 * P == d && perm[0] == 0 && perm[P] == 1) {  /* NORM pairs (2p, 2p + 1) */
+                for (int32_t p = 0; p < P; ++p) { f[p] = src[2 * p]; f[P + p] = src[2 * p + 1]; }
+            } else {
+                for (int32_t j = 0; j < d; ++j) f[j] = src[perm[j]];
             }
+            for (int32_t j = 0; j < d; ++j) f[d + j] = f[j] * f[j];
+            for (int32_t p = 0; p < P; ++p) f[2 * d + p] = f[p] * f[P + p];
+            for (int32_t h = g * group; h < (g + 1) * group; ++h) z[(int64_t) h * n_cells + i] = dot(f, m + (int64_t) h * F, F);
         }
     }
     free(k);

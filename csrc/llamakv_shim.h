@@ -51,6 +51,7 @@ typedef struct llamakv_capture {
 
     int64_t n_observed;        /* tensors copied so far */
     int64_t capture_ns;        /* time spent copying and accumulating */
+    int64_t copy_ns;           /* of which copying from the device */
     int32_t error;             /* first error, 0 if none; see llamakv_error_string */
 } llamakv_capture;
 
@@ -62,12 +63,12 @@ int32_t llamakv_op_code(const char * name);
 int32_t llamakv_rows_to_float(const uint8_t * rows, int32_t type, int64_t row_bytes, int64_t n_rows,
                               int64_t n_per_row, float * out);
 
-/* Expected-attention logits of one layer: for query head h and cell i, with k the cell's key
- * (head h / group) as float, z[h][i] = sum_j k_j (w[h][j] + dq[h][j] k_j) + sum_p c[h][p] k_pa[p] k_pb[p]. */
+/* Expected-attention logits of one layer: for query head h and cell i, with k the cell's key of
+ * head h's group as float, permuted by perm so that the rotated pairs come first (k[p], k[P + p]),
+ * z[h][i] = m[h] . [k, k*k, (k[p] k[P+p])_p]: m [n_head][2 head_dim + n_pairs]. */
 int32_t llamakv_ea_logits(const uint8_t * rows, int32_t type, int64_t row_bytes, int64_t n_cells,
                           int32_t n_head, int32_t n_head_kv, int32_t head_dim,
-                          const float * w, const float * dq, const float * c,
-                          const int32_t * pa, const int32_t * pb, int32_t n_pairs, float * z);
+                          const float * m, const int32_t * perm, int32_t n_pairs, float * z);
 
 /* L2 norm of each value head of each cell: out [n_cells][n_head_kv]. V as rows (one per cell)
  * or transposed (one row of n_cells elements per dimension, `row_bytes` apart). */

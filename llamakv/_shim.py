@@ -69,6 +69,14 @@ def _header_cdef() -> str:
     return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
 
 
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
 def _compile(cc: str, flags: list[str], libs: list[str], out_dir: Path, verbose: bool) -> tuple[Path | None, str]:
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
     os.close(fd)
@@ -90,12 +98,15 @@ def build(verbose: bool = False) -> Path:
     """Compile the shim if no cached build matches; return the path of the shared library."""
     include_dir, lib_dir = _llama_cpp_dirs()
     cc = _compiler()
-    flags = ["-O3", "-shared", "-fPIC", "-std=c11", f"-I{include_dir}", f"-I{_SRC_DIR}"]
+    # built where it runs: -march=native vectorises the state kernels for this CPU (the CPU's
+    # flags are part of the cache key, so a cache shared with another machine rebuilds)
+    flags = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c11", f"-I{include_dir}", f"-I{_SRC_DIR}"]
     libs = [f"-L{lib_dir}", "-lggml-base", "-lggml", f"-Wl,-rpath,{lib_dir}"]
     h = hashlib.sha256()
     h.update(metadata.version("llama_cpp_python").encode())
     h.update(str(lib_dir).encode())
     h.update(" ".join([cc, *flags, *libs]).encode())
+    h.update(_cpu_flags().encode())
     for name in _SOURCES:
         h.update((_SRC_DIR / name).read_bytes())
     out_dir = cache_dir() / "shim" / h.hexdigest()[:16]

@@ -104,6 +104,7 @@ class Capture:
         self._c.window_head = 0
         self._c.error = 0
         self._c.capture_ns = 0
+        self._c.copy_ns = 0
 
     # -- per ubatch ------------------------------------------------------------------------
     def begin_ubatch(self, pos0: int, n_tok: int, stats_rows: int, window_rows: int) -> bool:
@@ -141,6 +142,15 @@ class Capture:
     def capture_seconds(self) -> float:
         """Time the callback spent copying queries and accumulating statistics."""
         return int(self._c.capture_ns) * 1e-9
+
+    @property
+    def copy_seconds(self) -> float:
+        """Of capture_seconds, the time spent copying queries from the device."""
+        return int(self._c.copy_ns) * 1e-9
+
+    @property
+    def pinned(self) -> bool:
+        return self._q_stage_buffer.pinned
 
     def check(self) -> None:
         """Raise if the callback recorded an error (then clear it)."""

@@ -134,7 +134,8 @@ class ExpectedAttention:
     name: str = "expected_attention"
 
     def _folded(self, inputs: ScoreInputs, layer: int):
-        """The mean rotation folded into the statistics: z = kᵀ(w + dq∘k) + Σ_p c_p k_a k_b.
+        """The mean rotation folded into the statistics: z = kᵀ(w + dq∘k) + Σ_p c_p k_a k_b, as one
+        weight row per head over the features [k, k∘k, k_a k_b] (in the kernel's pair-major order).
 
         With R̄ = mean rotation, per pair (a, b) k̄_a = A k_a + B k_b, k̄_b = -B k_a + A k_b; then
         μᵀk̄ = k_a (Aμ_a - Bμ_b) + k_b (Bμ_a + Aμ_b) and, with a diagonal variance σ,
@@ -155,21 +156,21 @@ class ExpectedAttention:
             dq[:, a] = (var[:, a] * A**2 + var[:, b] * B**2) / (2 * d)
             dq[:, b] = (var[:, a] * B**2 + var[:, b] * A**2) / (2 * d)
             c = 2 * A * B * (var[:, a] - var[:, b]) / (2 * d)
-        f32 = lambda x: np.ascontiguousarray(x, dtype=np.float32)  # noqa: E731
-        i32 = lambda x: np.ascontiguousarray(x, dtype=np.int32)  # noqa: E731
-        return f32(w), f32(dq), f32(c), i32(a), i32(b)
+        # pair-major order for the kernel: the dims of pair p at p and P + p, then the unrotated ones
+        perm = np.concatenate([a, b, np.setdiff1d(np.arange(d), np.concatenate([a, b]))])
+        m = np.concatenate([w[:, perm], dq[:, perm], c], axis=1)
+        return np.ascontiguousarray(m, dtype=np.float32), np.ascontiguousarray(perm, dtype=np.int32), len(a)
 
     def layer_logits(self, inputs: ScoreInputs, layer: int) -> np.ndarray:
         """z [n_head, n_cells]: the expected log attention logit of each query head for each key."""
-        w, dq, c, a, b = self._folded(inputs, layer)
+        m, perm, n_pairs = self._folded(inputs, layer)
         n = inputs.n_cells
         z = np.empty((inputs.n_head, n), dtype=np.float32)
         lt = inputs.state.k[layer]
         if n:
             err = _shim.load().lib.llamakv_ea_logits(
                 _cptr("uint8_t *", lt.data), lt.type, lt.row_bytes, n, inputs.n_head, inputs.n_head_kv,
-                inputs.head_dim, _cptr("float *", w), _cptr("float *", dq), _cptr("float *", c),
-                _cptr("int32_t *", a), _cptr("int32_t *", b), len(a), _cptr("float *", z))
+                inputs.head_dim, _cptr("float *", m), _cptr("int32_t *", perm), n_pairs, _cptr("float *", z))
             if err:
                 raise LlamaKVError(f"cannot score keys of ggml type {lt.type}")
         if self.use_covariance and self.full_covariance:

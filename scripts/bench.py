@@ -110,6 +110,8 @@ def main(argv=None) -> int:
             times["capture off"].append(timed_prefill(s, tokens, False))
             times["capture on"].append(timed_prefill(s, tokens, True))
             times[sampled].append(timed_prefill(s, tokens, True, args.stats_window))
+            log(f"  capture of the last one: {s.capture.capture_seconds * 1e3:.0f} ms in the callback, of which "
+                f"{s.capture.copy_seconds * 1e3:.0f} ms copying (staging pinned: {s.capture.pinned})")
             log("  " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
         best = {k: min(v) for k, v in times.items()}
         snap = s.snapshot()  # after the last-tokens-capture prefill

@@ -74,9 +74,11 @@ def main(argv=None) -> int:
     n_kv_before = int(gpu.capture.n_kv.max())
     rep = gpu.compress(args.ratio)
     n_cells = gpu.n_cells
+    gpu.prefill(tokens[-1:])  # one decode with capture on: the callback reads the attention width
     text = gpu.generate(max_tokens=8)
     checks += [
         ("compressed cells", rep.cells_after == n_cells < len(tokens), f"{rep.cells_before} -> {rep.cells_after}"),
+        ("query staging pinned", gpu.capture.pinned, ""),
         ("decoding continues", gpu.cache.pos_max() == gpu.next_pos - 1, f"{len(text)} chars generated"),
         ("attention width shrank", int(gpu.capture.n_kv.max()) < n_kv_before,
          f"n_kv {n_kv_before} -> {int(gpu.capture.n_kv.max())}"),
