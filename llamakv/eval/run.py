@@ -110,10 +110,10 @@ def _supports_protect_recent(session) -> bool:
 def run_eval(session, samples: Sequence[Sample], *, methods: Sequence[str] = ("expected_attention",),
              ratios: Sequence[float] = (0.0, 0.5), aggregations: Sequence[str] = ("mean",),
              modes: Sequence[str] = ("agnostic",), kl_tokens: int = 64, chat: bool = True,
-             model: str = "?", press_kwargs: dict | None = None,
+             model: str = "?", press_kwargs: dict | None = None, max_new_tokens: int | None = None,
              log: Callable[[str], None] | None = None) -> list[dict]:
     """Score every sample with the full cache and every (method, ratio > 0, aggregation, mode);
-    returns one row (CSV_FIELDS) per run."""
+    returns one row (CSV_FIELDS) per run. `max_new_tokens` overrides the tasks' own limits."""
     for m in modes:
         if m not in MODES:
             raise ValueError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
@@ -150,9 +150,10 @@ def run_eval(session, samples: Sequence[Sample], *, methods: Sequence[str] = ("e
     for i, sample in enumerate(samples):
         session.reset()
         ctx, q = encode(session, sample, chat)
-        if len(ctx) + len(q) + sample.max_new_tokens + max(kl_tokens, 1) > session.n_ctx:
-            raise LlamaKVError(f"{sample.task}#{sample.index}: {len(ctx) + len(q)} prompt tokens + "
-                               f"{sample.max_new_tokens} to generate do not fit n_ctx {session.n_ctx}: raise -c")
+        max_new = max_new_tokens or sample.max_new_tokens
+        if len(ctx) + len(q) + max_new + max(kl_tokens, 1) > session.n_ctx:
+            raise LlamaKVError(f"{sample.task}#{sample.index}: {len(ctx) + len(q)} prompt tokens + {max_new} to "
+                               f"generate + {kl_tokens} KL tokens do not fit n_ctx {session.n_ctx}: raise -c")
         t0 = time.perf_counter()
         session.prefill(ctx)
         log(f"[{i + 1}/{len(samples)} {sample.task}#{sample.index}] prefilled {len(ctx)} + {len(q)} tokens "
@@ -160,7 +161,7 @@ def run_eval(session, samples: Sequence[Sample], *, methods: Sequence[str] = ("e
         snaps = {"agnostic": session.snapshot()}
 
         t0 = time.perf_counter()
-        full_answer = _answer(session, q, sample.max_new_tokens)
+        full_answer = _answer(session, q, max_new)
         full_s = time.perf_counter() - t0
         ref = answer_toks = None
         if kl_tokens > 0:
@@ -183,7 +184,7 @@ def run_eval(session, samples: Sequence[Sample], *, methods: Sequence[str] = ("e
             cells = session.n_cells
             compressed = session.snapshot() if ref is not None else None
             rest = q if mode == "agnostic" else q[-1:]
-            answer = _answer(session, rest, sample.max_new_tokens)
+            answer = _answer(session, rest, max_new)
             seconds = time.perf_counter() - t0
             kl = float("nan")
             if ref is not None:
@@ -320,6 +321,9 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
                    help="agnostic (question after compression) and/or aware (question in the cache, protected)")
     p.add_argument("--kl-tokens", type=int, default=64,
                    help="positions of the KL proxy per run (0: no KL; default 64)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="cap on answer tokens (default: each task's own, as RULER: 128 NIAH, 30 VT, 120 CWE, "
+                        "50 FWE, 32 QA)")
     p.add_argument("--out", default="benchmarks", help="directory for the results (default benchmarks/)")
     p.add_argument("--name", help="file name stem of the results (default eval-MODEL-LENGTH)")
     p.add_argument("--dump-samples", metavar="PATH", help="write the generated samples as JSONL")
@@ -374,7 +378,8 @@ def cmd_eval(args) -> int:
         return 0
     label = Path(str(model)).stem if model else "smollm2-135m-instruct"
     rows = run_eval(session, samples, methods=methods, ratios=ratios, aggregations=aggs, modes=modes,
-                    kl_tokens=args.kl_tokens, chat=chat, model=label, log=_log)
+                    kl_tokens=args.kl_tokens, chat=chat, model=label, max_new_tokens=args.max_new_tokens,
+                    log=_log)
     name = args.name or f"eval-{label}-{args.length}"
     title = f"{label}, {args.length} tokens, {len(samples)} samples"
     paths = write_results(rows, args.out, name, title)
