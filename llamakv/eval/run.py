@@ -359,7 +359,10 @@ def cmd_eval(args) -> int:
             make_press(m)  # fail before loading anything
     samples = load_samples(args.samples) if args.samples else None
     tasks = expand_tasks(_list(args.tasks)) if samples is None else None
-    longest = max((s.n_tokens + s.max_new_tokens for s in samples), default=0) if samples else args.length
+    if samples and all(s.n_tokens > 0 for s in samples):
+        longest = max(s.n_tokens + s.max_new_tokens for s in samples)
+    else:  # samples from elsewhere may not say how long they are
+        longest = args.length
     n_ctx = args.ctx_size or (longest + max(args.kl_tokens, 1) + 64)
     session = KVSession.from_model(model, n_ctx=n_ctx, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
                                    flash_attn=args.flash_attn, n_batch=args.batch_size, verbose=args.verbose,
