@@ -8,6 +8,7 @@ from importlib import metadata
 
 import pytest
 
+from llamakv import KVSession
 from llamakv.cli import main
 from llamakv.errors import LlamaKVError
 from llamakv.eval import run, tasks
@@ -113,38 +114,40 @@ def test_samples_jsonl_round_trip_and_bad_input(tmp_path, count):
         tasks.load_samples(bad)
 
 
-def test_end_to_end_small_run(session, tmp_path, capsys):
-    """CLI generates and dumps one ~800-token sample; the runner reads it back, scores the full
-    cache and ratio 0.5, and writes the CSV, the markdown table and the plot."""
-    dump = tmp_path / "samples.jsonl"
+def test_end_to_end_small_run(tmp_path, capsys):
+    """Through the CLI: generate and dump one ~800-token sample, read it back, score the full
+    cache and ratio 0.5, write the CSV, the markdown table and the plot. One thread: on a
+    shared 2-core machine two spinning threads made this ten times slower."""
+    dump, out = tmp_path / "samples.jsonl", tmp_path / "out"
     assert main(["eval", "--generate-only", "--tasks", "niah_single_1", "-n", "1", "--length", "800",
-                 "-t", "2", "--dump-samples", str(dump)]) == 0
+                 "-t", "1", "--dump-samples", str(dump)]) == 0
     samples = tasks.load_samples(dump)
     assert len(samples) == 1 and 650 <= samples[0].n_tokens + samples[0].max_new_tokens <= 800
 
-    modes = ["agnostic"] + (["aware"] if run._supports_protect_recent(session) else [])
-    log = []
-    rows = run.run_eval(session, samples, ratios=[0, 0.5], modes=modes, kl_tokens=8, max_new_tokens=24,
-                        model="smollm2", log=log.append)
+    modes = ["agnostic"] + (["aware"] if run._supports_protect_recent(KVSession) else [])
+    assert main(["eval", "--samples", str(dump), "--ratios", "0,0.5", "--modes", ",".join(modes),
+                 "--kl-tokens", "8", "--max-new-tokens", "24", "-t", "1", "--out", str(out),
+                 "--name", "e2e"]) == 0
+    captured = capsys.readouterr()
+    assert "ETA" in captured.err and "| full | 0 |" in captured.out
+
+    with open(out / "e2e.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == run.CSV_FIELDS
     assert len(rows) == 1 + len(modes)
     full = rows[0]
-    assert (full["method"], full["ratio"], full["score"], full["kl"]) == ("full", 0.0, 100.0, 0.0)
+    assert (full["method"], float(full["ratio"]), float(full["score"]), float(full["kl"])) == ("full", 0, 100, 0)
     assert samples[0].outputs[0] in full["answer"]
-    for r in rows[1:]:
-        assert r["method"] == "expected_attention" and r["ratio"] == 0.5
-        assert r["cells"] < 0.6 * full["cells"]
-        assert r["kl"] >= 0.0
-    assert any("ETA" in line for line in log)
-
-    paths = run.write_results(rows, tmp_path / "out", "e2e", "test")
-    with open(paths["csv"], newline="") as f:
-        table = list(csv.DictReader(f))
-    assert [r["method"] for r in table] == [r["method"] for r in rows]
-    assert list(table[0]) == run.CSV_FIELDS
-    md = paths["md"].read_text()
+    assert int(full["cells"]) == samples[0].n_tokens
+    for r, mode in zip(rows[1:], modes):
+        assert (r["method"], float(r["ratio"]), r["aggregation"], r["mode"]) == (
+            "expected_attention", 0.5, "mean", mode)
+        assert int(r["cells"]) < 0.6 * int(full["cells"])
+        assert float(r["kl"]) >= 0.0
+    md = (out / "e2e.md").read_text()
     assert "| full | 0 | - | - | 100.0 | **100.0** |" in md
     assert "| expected_attention | 0.5 | mean | agnostic |" in md
-    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "e2e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_runner_refuses_bad_options(session, count):

@@ -99,7 +99,8 @@ def mean_kl(ref: np.ndarray, got: np.ndarray) -> float:
 
 
 def _answer(session, prompt: Sequence[int], max_tokens: int) -> str:
-    return session.generate(list(prompt), max_tokens=max_tokens, temperature=0.0).strip()
+    """Greedy answer, as generated (not stripped: the KL proxy re-tokenizes it)."""
+    return session.generate(list(prompt), max_tokens=max_tokens, temperature=0.0)
 
 
 def _supports_protect_recent(session) -> bool:
@@ -136,6 +137,7 @@ def run_eval(session, samples: Sequence[Sample], *, methods: Sequence[str] = ("e
     t_start = time.perf_counter()
 
     def emit(sample: Sample, i: int, method, ratio, agg, mode, answer, kl, cells, seconds) -> None:
+        answer = answer.strip()
         s = score(sample.task, answer, sample.outputs)
         rows.append({"model": model, "task": sample.task, "sample": sample.index, "method": method,
                      "ratio": ratio, "aggregation": agg, "mode": mode, "score": s, "kl": kl, "cells": cells,
@@ -154,6 +156,7 @@ def run_eval(session, samples: Sequence[Sample], *, methods: Sequence[str] = ("e
         if len(ctx) + len(q) + max_new + max(kl_tokens, 1) > session.n_ctx:
             raise LlamaKVError(f"{sample.task}#{sample.index}: {len(ctx) + len(q)} prompt tokens + {max_new} to "
                                f"generate + {kl_tokens} KL tokens do not fit n_ctx {session.n_ctx}: raise -c")
+        log(f"[{i + 1}/{len(samples)} {sample.task}#{sample.index}] prefilling {len(ctx)} tokens")
         t0 = time.perf_counter()
         session.prefill(ctx)
         log(f"[{i + 1}/{len(samples)} {sample.task}#{sample.index}] prefilled {len(ctx)} + {len(q)} tokens "
@@ -172,6 +175,8 @@ def run_eval(session, samples: Sequence[Sample], *, methods: Sequence[str] = ("e
              len(ctx) + len(q), full_s)
 
         if "aware" in modes and configs:
+            log(f"[{i + 1}/{len(samples)} {sample.task}#{sample.index}] prefilling {len(ctx) + len(q) - 1} tokens "
+                "(query-aware)")
             session.reset()
             session.prefill(ctx + q[:-1])
             snaps["aware"] = session.snapshot()
