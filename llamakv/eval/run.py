@@ -159,8 +159,8 @@ def run_eval(session, samples: Sequence[Sample], *, methods: Sequence[str] = ("e
         log(f"[{i + 1}/{len(samples)} {sample.task}#{sample.index}] prefilling {len(ctx)} tokens")
         t0 = time.perf_counter()
         session.prefill(ctx)
-        log(f"[{i + 1}/{len(samples)} {sample.task}#{sample.index}] prefilled {len(ctx)} + {len(q)} tokens "
-            f"in {time.perf_counter() - t0:.1f} s")
+        log(f"[{i + 1}/{len(samples)} {sample.task}#{sample.index}] prefilled {len(ctx)} tokens "
+            f"in {time.perf_counter() - t0:.1f} s (question and answer prefix: {len(q)} more)")
         snaps = {"agnostic": session.snapshot()}
 
         t0 = time.perf_counter()
@@ -312,7 +312,8 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
                    help="GGUF file or model name from models.toml (default: smollm2-135m-instruct)")
     p.add_argument("-m", "--model", help="same as MODEL")
     p.add_argument("--tasks", nargs="+", default=["niah_single_1,niah_multikey_1,vt,qa_1"],
-                   help=f"comma-separated tasks or groups (all, niah, qa); tasks: {', '.join(TASKS)}")
+                   help=f"comma-separated tasks or groups (all, niah, qa); default niah_single_1,niah_multikey_1,vt,qa_1; "
+                        f"tasks: {', '.join(TASKS)}")
     p.add_argument("-n", "--n-samples", type=int, default=2, help="samples per task (default 2)")
     p.add_argument("--length", type=int, default=4096,
                    help="target tokens: prompt (chat template included) + tokens to generate (default 4096)")
@@ -321,7 +322,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
                    help="comma-separated presses (llamakv.scoring.PRESSES); 'full' = the full cache, always run")
     p.add_argument("--ratios", nargs="+", default=["0,0.25,0.5,0.75"],
                    help="comma-separated fractions of cells to evict; 0 = the full cache (default 0,0.25,0.5,0.75)")
-    p.add_argument("--aggregations", nargs="+", default=["mean"], help="comma-separated: mean, max")
+    p.add_argument("--aggregations", nargs="+", default=["mean"], help=f"comma-separated: {', '.join(AGGREGATIONS)} (default mean)")
     p.add_argument("--modes", nargs="+", default=["agnostic"],
                    help="agnostic (question after compression) and/or aware (question in the cache, protected)")
     p.add_argument("--kl-tokens", type=int, default=64,
