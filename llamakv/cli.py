@@ -9,6 +9,7 @@ import time
 from importlib import resources
 
 from .errors import LlamaKVError
+from .eval.run import add_eval_parser
 from .models import add_models_parser, models_command
 from .scoring import AGGREGATIONS, PRESSES, make_press
 
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("-q", "--question", required=True, help="the question")
 
     add_models_parser(sub)
+    add_eval_parser(sub)
     return ap
 
 
@@ -204,6 +206,8 @@ def main(argv=None) -> int:
             return cmd_compress(args)
         if args.command == "ask":
             return cmd_ask(args)
+        if args.command == "eval":
+            return args.func(args)
         if args.command == "models":
             return models_command(args)
     except (LlamaKVError, ValueError) as e:
