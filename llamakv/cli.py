@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("-q", "--question", required=True, help="the question")
 
     sub.add_parser("models", help="list the known models and where they are")
+    from .server import add_serve_parser
+    add_serve_parser(sub)
     return ap
 
 
@@ -204,6 +206,8 @@ def main(argv=None) -> int:
             return cmd_compress(args)
         if args.command == "ask":
             return cmd_ask(args)
+        if args.command == "serve":
+            return args.func(args)
         if args.command == "models":
             print(describe_registry())
             return 0
