@@ -75,6 +75,9 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--min-p", type=float, default=0.05, help="default min-p (0.05)")
     g.add_argument("--seed", type=int, default=-1, help="default sampling seed (-1: random)")
     g.add_argument("--slot-save-path", help="folder for slot save / restore (POST /slots/ID?action=...)")
+    g.add_argument("--accept-any-model", action="store_true",
+                   help="answer requests for any model name as llama-server does (default: 404 for a name "
+                        "that is not this model's)")
     g.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (all endpoints but /health)")
     g.add_argument("-v", "--verbose", action="store_true", help="llama.cpp's logs and request logs")
     for flag in ("-cb", "--cont-batching", "--metrics", "--slots", "--no-webui"):
@@ -302,6 +305,7 @@ class Engine:
         self.metrics = Metrics()
         self.presses: dict[str, Any] = {}
         self.jobs: queue.Queue = queue.Queue()
+        self.current: Job | None = None
         self.n_task = 0
         self.compress_kw = set(inspect.signature(self.session.compress).parameters)
         self.created = int(time.time())
@@ -322,6 +326,17 @@ class Engine:
         self.jobs.put(job)
 
     def stop(self) -> None:
+        """Cancel the running and the queued requests, then end the inference thread."""
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.cancelled.set()
+                job.emit("error", ApiError(503, "the server is shutting down", "unavailable_error"))
+        if self.current is not None:
+            self.current.cancelled.set()
         self.jobs.put(None)
         self.thread.join(timeout=30)
 
@@ -332,8 +347,9 @@ class Engine:
             if job is None:
                 return
             if job.cancelled.is_set():
-                job.emit("done", {"cancelled": True})
+                job.emit("error", ApiError(499, "the client went away", "cancelled"))
                 continue
+            self.current = job
             try:
                 getattr(self, "_" + job.kind)(job)
             except ApiError as e:
@@ -341,6 +357,8 @@ class Engine:
             except Exception as e:  # a failed request must not stop the server
                 log.exception("request %s failed", job.id_task)
                 job.emit("error", ApiError(500, f"{type(e).__name__}: {e}", "server_error"))
+            finally:
+                self.current = None
 
     def _slot(self, job: Job) -> Slot:
         if job.id_slot >= 0:
@@ -459,19 +477,22 @@ class Engine:
                                     "the prompt, or compress harder", "exceed_context_size_error")
             t0 = time.perf_counter()
             try:
-                split = job.split if (job.split is not None and not kv.query_aware and job.split > reused) else None
-                compression = None
-                if split is not None:  # query-agnostic: compress the context, then add the question
-                    self._prefill(tokens[reused:split])
-                    slot.history = tokens[:split]
-                    compression = self._compress(slot, kv, split, 1)
-                    self._prefill(tokens[split:])
-                else:
-                    self._prefill(tokens[reused:])
-                    slot.history = list(tokens)
+                compression, done = None, reused
+                if job.split is not None and not kv.query_aware and job.split > reused:
+                    # query-agnostic: compress the conversation before its last user message
+                    self._prefill(tokens[reused:job.split])
+                    slot.history = tokens[:job.split]
+                    compression = self._compress(slot, kv, job.split, 1)
+                    done = job.split
+                self._prefill(tokens[done:])
+                slot.history = list(tokens)
+                if compression is None:  # one message, or too short before it: compress it all
                     protect = len(tokens) - job.split if (job.split is not None and kv.query_aware) else 1
                     compression = self._compress(slot, kv, len(tokens), protect)
-                slot.history = list(tokens)
+                    if compression:
+                        compression["before_last_message"] = False
+                else:
+                    compression["before_last_message"] = True
             except (LlamaKVError, RuntimeError) as e:
                 self._forget(slot)
                 raise ApiError(500, f"prefill failed: {e}", "server_error") from e
@@ -679,7 +700,9 @@ def create_app(engine: Engine, api_key: str | None = None):
 
     def check_model(body: dict) -> None:
         name = body.get("model")
-        if name is not None and (not isinstance(name, str) or (name and name not in engine.model_names)):
+        if not isinstance(name, (str, type(None))):
+            raise _bad("model must be a string")
+        if name and name not in engine.model_names and not args.accept_any_model:
             raise ApiError(404, f"the model {name!r} does not exist; this server serves {engine.model_name!r} "
                                 "(see /v1/models)", "not_found_error")
 
@@ -967,19 +990,14 @@ def create_app(engine: Engine, api_key: str | None = None):
         log.exception("unexpected error")
         return error(ApiError(500, f"{type(exc).__name__}: {exc}", "server_error"))
 
+    async def on_gone(request, exc):
+        return PlainTextResponse("", status_code=499)
+
     async def on_http(request, exc):
         return error(ApiError(exc.status_code, exc.detail or "error",
                               "not_found_error" if exc.status_code == 404 else "invalid_request_error"))
 
-    middleware = []
-    if api_key:
-        from starlette.middleware.base import BaseHTTPMiddleware
-
-        async def check_key(request, call_next):
-            if request.url.path != "/health" and request.headers.get("authorization") != f"Bearer {api_key}":
-                return error(ApiError(401, "invalid API key", "authentication_error"))
-            return await call_next(request)
-        middleware.append(Middleware(BaseHTTPMiddleware, dispatch=check_key))
+    middleware = [Middleware(RequireKey, key=api_key)] if api_key else []
 
     from starlette.exceptions import HTTPException
 
@@ -1006,8 +1024,26 @@ def create_app(engine: Engine, api_key: str | None = None):
         Route("/slots/{id}", slot_action, methods=["POST"]),
     ]
     return Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
-                     exception_handlers={ApiError: on_api_error, HTTPException: on_http, Exception: on_error})
+                     exception_handlers={ApiError: on_api_error, ClientGone: on_gone,
+                                         HTTPException: on_http, Exception: on_error})
 
 
 class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
+
+
+class RequireKey:
+    """ASGI middleware: every path but /health needs 'Authorization: Bearer KEY' (as llama-server)."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if (scope["type"] == "http" and scope["path"] != "/health"
+                and dict(scope["headers"]).get(b"authorization") != self.expected):
+            from starlette.responses import JSONResponse
+
+            e = ApiError(401, "invalid API key", "authentication_error")
+            await JSONResponse(e.body(), status_code=401)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

@@ -223,6 +223,35 @@ def test_compression_and_prefix_reuse_after_eviction(server, client):
                                      r2.choices[0].finish_reason == "stop")
     assert slot["n_cells"] < slot["n_past"] * 0.7  # the conversation lives compressed
     assert metrics(server)["llamakv:kv_cells_used"] == slot["n_cells"]
+    # query-agnostic (the default): the earlier turns were compressed before the new question came in
+    comp2 = r2.model_extra["llamakv"]["compression"]
+    assert comp2["before_last_message"] is True
+    assert comp2["cells_before"] < info1["cells"] + r2.model_extra["timings"]["prompt_n"]
+
+    # query-aware: the whole prompt, question included, is in the cache when it is compressed
+    messages += [{"role": "assistant", "content": r2.choices[0].message.content},
+                 {"role": "user", "content": question}]
+    r3 = client.chat.completions.create(model=server["model"], messages=messages, max_tokens=4, temperature=0,
+                                        extra_body={"llamakv": {**kv, "query_aware": True}})
+    info3 = r3.model_extra["llamakv"]
+    assert info3["query_aware"] and info3["compression"]["before_last_message"] is False
+    assert info3["compression"]["cells_before"] == slot["n_cells"] + r3.model_extra["timings"]["prompt_n"]
+
+    # the same request again: the slot is rewound inside its compressed cache to the prompt's last token
+    r4 = client.chat.completions.create(model=server["model"], messages=messages, max_tokens=4, temperature=0,
+                                        extra_body={"llamakv": {**kv, "query_aware": True}})
+    assert r4.usage.prompt_tokens_details.cached_tokens == r3.usage.prompt_tokens - 1
+    assert r4.model_extra["timings"]["prompt_n"] == 1
+    assert r4.choices[0].message.content
+
+
+def test_cache_budget(server):
+    doc, _, _ = needle_prompt(n_repeats=10, at=3)
+    r = post(server, "/completion", {"prompt": doc, "n_predict": 2, "temperature": 0, "cache_prompt": False,
+                                     "llamakv": {"ratio": 0, "budget": 64, "min_tokens": 0}}).json()
+    comp = r["llamakv"]["compression"]
+    assert r["tokens_evaluated"] > 200
+    assert comp["cells_before"] == r["tokens_evaluated"] and comp["cells_after"] == 64
 
 
 def test_prefix_reuse_gives_the_answer_of_a_fresh_prefill(server):
