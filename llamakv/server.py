@@ -101,13 +101,22 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_serve(args) -> int:
-    import uvicorn
+    try:
+        import sse_starlette  # noqa: F401
+        import starlette  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise LlamaKVError(f"llamakv serve needs the server extra ({e.name} is missing): "
+                           "pip install 'llamakv[server]'") from None
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     defaults = KVParams(ratio=args.kv_ratio, method=args.kv_method, aggregation=args.kv_aggregation,
                         min_tokens=args.kv_min_tokens, budget=args.kv_budget, query_aware=args.kv_query_aware)
-    defaults.validate()
+    try:
+        defaults.validate()
+    except ApiError as e:
+        raise LlamaKVError(f"bad compression flag: {e.message}") from None
     if args.parallel < 1:
         raise LlamaKVError(f"-np must be at least 1, got {args.parallel}")
     if args.slot_save_path:
