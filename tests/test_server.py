@@ -1,6 +1,7 @@
 """`llamakv serve` on loopback with the real SmolLM2, through the official openai client and raw HTTP."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -29,14 +30,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    # one thread: on a loaded 2-core machine, two threads spinning on each other decode 5-10x slower
+@contextlib.contextmanager
+def running_server(tmp: Path, *extra: str):
+    """`llamakv serve` as a subprocess on a free loopback port, up when /health answers."""
     port = _free_port()
-    save_dir = tmp_path_factory.mktemp("slots")
-    log = tmp_path_factory.mktemp("log") / "server.log"
+    log = tmp / f"server-{port}.log"
+    # one thread: on a loaded 2-core machine, two threads spinning on each other decode 5-10x slower
     cmd = [sys.executable, "-m", "llamakv.cli", "serve", "-m", "smollm2-135m-instruct", "-c", "4096",
-           "--port", str(port), "-t", "1", "-np", "2", "--slot-save-path", str(save_dir)]
+           "--port", str(port), "-t", "1", *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -54,8 +55,7 @@ def server(tmp_path_factory):
             if time.time() > deadline:
                 pytest.fail(f"the server did not answer /health in 120 s:\n{log.read_text()}")
             time.sleep(0.3)
-        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        yield {"url": url, "model": model, "proc": proc, "save_dir": Path(save_dir), "log": log}
+        yield {"url": url, "proc": proc, "log": log}
     finally:
         proc.terminate()
         try:
@@ -64,6 +64,15 @@ def server(tmp_path_factory):
             proc.kill()
             proc.wait()
     assert proc.returncode in (0, -15), log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("slots")
+    with running_server(tmp_path_factory.mktemp("log"), "-np", "2", "--slot-save-path", str(save_dir)) as srv:
+        srv["model"] = httpx.get(srv["url"] + "/v1/models").json()["data"][0]["id"]
+        srv["save_dir"] = save_dir
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +283,9 @@ def test_concurrent_clients_each_get_their_own_answer(server, client):
 
     def ask(i):
         c = openai.OpenAI(base_url=server["url"] + "/v1", api_key="x", max_retries=0, timeout=120)
-        kw = {"model": server["model"], "prompt": prompts[i], "temperature": 0, "max_tokens": 10}
+        # fresh prefills, as the runs alone: the same computation, so greedy answers must be equal
+        kw = {"model": server["model"], "prompt": prompts[i], "temperature": 0, "max_tokens": 10,
+              "extra_body": {"cache_prompt": False}}
         if i % 2:  # half of them streamed
             return "".join(ch.choices[0].text for ch in c.completions.create(stream=True, **kw) if ch.choices)
         return c.completions.create(**kw).choices[0].text
@@ -282,6 +293,7 @@ def test_concurrent_clients_each_get_their_own_answer(server, client):
     with ThreadPoolExecutor(3) as pool:  # all three at once; .result() raises what a thread raised
         results = [f.result(timeout=300) for f in [pool.submit(ask, i) for i in range(3)]]
     assert results == alone
+    assert len(set(results)) == 3
     wait_idle(server)
 
 
@@ -319,3 +331,16 @@ def test_slot_save_erase_restore(server):
     for body, status in [({"filename": "../escape"}, 400), ({"filename": "missing.llamakv"}, 404)]:
         assert post(server, "/slots/1?action=restore", body).status_code == status
     assert post(server, "/slots/9?action=save", {"filename": "x"}).status_code == 404
+
+
+def test_api_key(tmp_path):
+    with running_server(tmp_path, "--api-key", "sekret", "-a", "tiny") as srv:
+        assert httpx.get(srv["url"] + "/health").status_code == 200  # open, as in llama-server
+        denied = httpx.get(srv["url"] + "/v1/models")
+        assert denied.status_code == 401 and denied.json()["error"]["type"] == "authentication_error"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv["url"] + "/v1", api_key="wrong", max_retries=0).models.list()
+        ok = openai.OpenAI(base_url=srv["url"] + "/v1", api_key="sekret", max_retries=0)
+        assert [m.id for m in ok.models.list()] == ["tiny"]
+        r = ok.chat.completions.create(model="tiny", messages=QUESTION, temperature=0, max_tokens=3)
+        assert r.usage.completion_tokens == 3
