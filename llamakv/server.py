@@ -117,6 +117,8 @@ def cmd_serve(args) -> int:
         defaults.validate()
     except ApiError as e:
         raise LlamaKVError(f"bad compression flag: {e.message}") from None
+    if args.cache_type_v not in ("f16", "f32", "bf16") and args.flash_attn != "on":
+        raise LlamaKVError(f"a quantized V cache (-ctv {args.cache_type_v}) needs flash attention: add -fa on")
     if args.parallel < 1:
         raise LlamaKVError(f"-np must be at least 1, got {args.parallel}")
     if args.slot_save_path:
