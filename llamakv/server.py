@@ -262,6 +262,7 @@ class Job:
     filename: str = ""
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    checked_at: float = 0.0     # when the client's connection was last checked
 
     def emit(self, kind: str, data: Any = None) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, data))
@@ -725,14 +726,20 @@ def create_app(engine: Engine, api_key: str | None = None):
         return Job(kind=kind, loop=asyncio.get_running_loop(), id_task=engine.n_task, **kw)
 
     async def next_event(job: Job, request: Request):
-        """The job's next event; a client gone while waiting cancels the job."""
+        """The job's next event; a client found gone (checked every half second) cancels the job."""
         while True:
             try:
-                return await asyncio.wait_for(job.events.get(), 0.5)
+                event = await asyncio.wait_for(job.events.get(), 0.5)
             except asyncio.TimeoutError:
+                event = None
+            now = time.monotonic()
+            if now - job.checked_at >= 0.5:
+                job.checked_at = now
                 if await request.is_disconnected():
                     job.cancelled.set()
-                    raise ClientGone() from None
+                    raise ClientGone()
+            if event is not None:
+                return event
 
     async def run_job(job: Job, request: Request) -> dict:
         engine.submit(job)

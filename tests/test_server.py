@@ -312,6 +312,14 @@ def test_client_disconnect_mid_stream_frees_the_slot(server):
     r = post(server, "/completion", {"prompt": "Hello", "n_predict": 3, "temperature": 0})
     assert r.status_code == 200 and r.json()["tokens_predicted"] == 3
 
+    # not streamed: the client gives up waiting; the server notices and stops generating too
+    before = metrics(server)["llamacpp:tokens_predicted_total"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server["url"] + "/completion", json={**body, "stream": False}, timeout=1.0)
+    wait_idle(server)
+    assert metrics(server)["llamacpp:tokens_predicted_total"] - before < 400
+    assert post(server, "/completion", {"prompt": "Hello", "n_predict": 3, "temperature": 0}).status_code == 200
+
 
 def test_slot_save_erase_restore(server):
     prompt = "A list of fruits: apple, banana, cherry,"
