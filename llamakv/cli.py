@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_models_parser(sub)
     add_eval_parser(sub)
+    from .server import add_serve_parser
+    add_serve_parser(sub)
     return ap
 
 
@@ -206,7 +208,7 @@ def main(argv=None) -> int:
             return cmd_compress(args)
         if args.command == "ask":
             return cmd_ask(args)
-        if args.command == "eval":
+        if args.command in ("eval", "serve"):
             return args.func(args)
         if args.command == "models":
             return models_command(args)

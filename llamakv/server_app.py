@@ -1,0 +1,398 @@
+"""The HTTP side of `llamakv serve`: a Starlette app over the Engine of llamakv.server.
+
+Routes parse and check requests, queue jobs for the inference thread and turn its events into
+llama-server / OpenAI shaped JSON or server-sent events (sse-starlette); the event loop never
+waits on llama.cpp.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+
+import llama_cpp
+from sse_starlette import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route
+
+from .errors import LlamaKVError
+from .scoring import PRESSES
+from .server import _FILENAME, ApiError, Engine, Job, KVParams, _bad, _common_prefix, _number, sampling_from
+
+log = logging.getLogger("llamakv.server")
+
+
+def create_app(engine: Engine, api_key: str | None = None):
+    args = engine.args
+
+    def error(e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    async def body_of(request: Request) -> dict:
+        raw = await request.body()
+        try:
+            body = json.loads(raw or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise _bad(f"the body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise _bad("the body must be a JSON object")
+        return body
+
+    def check_model(body: dict) -> None:
+        name = body.get("model")
+        if not isinstance(name, (str, type(None))):
+            raise _bad("model must be a string")
+        if name and name not in engine.model_names and not args.accept_any_model:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves {engine.model_name!r} "
+                                "(see /v1/models)", "not_found_error")
+
+    def new_job(kind: str, **kw) -> Job:
+        engine.n_task += 1
+        return Job(kind=kind, loop=asyncio.get_running_loop(), id_task=engine.n_task, **kw)
+
+    async def next_event(job: Job, request: Request):
+        """The job's next event; a client found gone (checked every half second) cancels the job."""
+        while True:
+            try:
+                event = await asyncio.wait_for(job.events.get(), 0.5)
+            except asyncio.TimeoutError:
+                event = None
+            now = time.monotonic()
+            if now - job.checked_at >= 0.5:
+                job.checked_at = now
+                if await request.is_disconnected():
+                    job.cancelled.set()
+                    raise ClientGone()
+            if event is not None:
+                return event
+
+    async def run_job(job: Job, request: Request) -> dict:
+        engine.submit(job)
+        try:
+            kind, data = await next_event(job, request)
+        except asyncio.CancelledError:
+            job.cancelled.set()
+            raise
+        if kind == "error":
+            raise data
+        return data
+
+    async def prompt_tokens(prompt) -> list[int]:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            if not prompt:
+                raise _bad("the prompt is empty")
+            return await asyncio.to_thread(engine.tokenize, prompt)
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            n_vocab = llama_cpp.llama_vocab_n_tokens(engine.vocab)
+            if not all(0 <= t < n_vocab for t in prompt):
+                raise _bad(f"token ids must be in [0, {n_vocab})")
+            return list(prompt)
+        raise _bad("prompt must be a non-empty string, a list of token ids, or a list of one of those")
+
+    async def chat_tokens(body: dict) -> tuple[list[int], int | None]:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _bad("messages must be a non-empty list")
+        clean = []
+        for i, msg in enumerate(messages):
+            if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
+                raise _bad(f"messages[{i}] must be an object with a string role")
+            content = msg.get("content")
+            if isinstance(content, list):
+                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                           for p in content):
+                    raise _bad(f"messages[{i}].content: only text parts are supported")
+                content = "".join(p["text"] for p in content)
+            elif content is not None and not isinstance(content, str):
+                raise _bad(f"messages[{i}].content must be a string, a list of text parts, or null")
+            clean.append({"role": msg["role"], "content": content or ""})
+        try:
+            text = engine.session.chat_prompt(clean)
+            # where the last user message begins: the query-agnostic mode compresses before it
+            last = max((i for i, msg in enumerate(clean) if msg["role"] == "user"), default=0)
+            before = engine.session.chat_prompt(clean[:last], add_generation_prompt=False) if last else ""
+        except LlamaKVError as e:
+            raise _bad(str(e)) from e
+        except Exception as e:  # jinja2 raises its own errors on messages the template refuses
+            raise _bad(f"the chat template refused the messages: {e}") from e
+        tokens = await asyncio.to_thread(engine.tokenize, text)
+        split = None
+        if before:
+            split = _common_prefix(await asyncio.to_thread(engine.tokenize, before), tokens)
+        return tokens, split if split and split < len(tokens) else None
+
+    def generation_job(body: dict, tokens: list[int], split: int | None) -> Job:
+        id_slot = _number(body, ("id_slot", "slot_id"), -1, int, lo=-1, hi=len(engine.slots) - 1)
+        cache_prompt = body.get("cache_prompt", True)
+        if not isinstance(cache_prompt, bool):
+            raise _bad("cache_prompt must be true or false")
+        _number(body, ("n_keep",), 0, int, lo=-1)  # accepted; eviction takes the place of context shift
+        if not isinstance(body.get("stream", False), bool):
+            raise _bad("stream must be true or false")
+        return new_job("generate", tokens=tokens, split=split, sampling=sampling_from(body, args),
+                       kv=KVParams.from_body(body, engine.defaults), id_slot=id_slot, cache_prompt=cache_prompt)
+
+    async def finish(request: Request, job: Job, shape, done_marker: bool = True):
+        """Run a generation job; `shape(event, data, state)` makes each response object. Errors of
+        the prompt (too long, ...) come before the first byte, so they get a proper status."""
+        body = request.state.body
+        try:
+            info = await run_job(job, request)
+            state = {"id": uuid.uuid4().hex[:24], "created": int(time.time()), "start": info, "text": [],
+                     "stream_options": body.get("stream_options")}
+            if not body.get("stream", False):
+                while True:
+                    kind, data = await next_event(job, request)
+                    if kind == "text":
+                        state["text"].append(data)
+                    elif kind == "error":
+                        raise data
+                    else:
+                        return JSONResponse(shape("done", data, state))
+        except ClientGone:
+            return PlainTextResponse("", status_code=499)
+
+        async def events():
+            try:
+                first = shape("first", None, state)
+                if first is not None:
+                    yield {"data": json.dumps(first)}
+                while True:
+                    kind, data = await job.events.get()
+                    if kind == "text":
+                        yield {"data": json.dumps(shape("text", data, state))}
+                    elif kind == "error":
+                        yield {"data": json.dumps(data.body())}
+                        return
+                    else:
+                        for obj in shape("last", data, state):
+                            yield {"data": json.dumps(obj)}
+                        if done_marker:
+                            yield {"data": "[DONE]"}
+                        return
+            finally:
+                job.cancelled.set()  # a client gone mid-stream frees the slot at the next token
+
+        return EventSourceResponse(events(), sep="\n")
+
+    def usage(d: dict) -> dict:
+        return {"prompt_tokens": d["prompt_tokens"], "completion_tokens": d["n"],
+                "total_tokens": d["prompt_tokens"] + d["n"],
+                "prompt_tokens_details": {"cached_tokens": d["timings"]["cache_n"]}}
+
+    def reason(d: dict) -> str:
+        return "length" if d["finish_reason"] in ("length", "cancelled") else "stop"
+
+    def chat_shape(event, data, state):
+        base = {"id": "chatcmpl-" + state["id"], "created": state["created"], "model": engine.model_name}
+        if event == "done":
+            return {**base, "object": "chat.completion", "choices": [{
+                "index": 0, "message": {"role": "assistant", "content": "".join(state["text"])},
+                "finish_reason": reason(data)}], "usage": usage(data), "timings": data["timings"],
+                "llamakv": data["llamakv"]}
+        chunk = {**base, "object": "chat.completion.chunk"}
+        if event == "first":
+            return {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                          "finish_reason": None}]}
+        if event == "text":
+            return {**chunk, "choices": [{"index": 0, "delta": {"content": data}, "finish_reason": None}]}
+        return final_chunks(chunk, {"index": 0, "delta": {}, "finish_reason": reason(data)}, data, state)
+
+    def final_chunks(chunk, choice, data, state):
+        out = [{**chunk, "choices": [choice], "timings": data["timings"], "llamakv": data["llamakv"]}]
+        opts = state["stream_options"]
+        if isinstance(opts, dict) and opts.get("include_usage"):
+            out.append({**chunk, "choices": [], "usage": usage(data)})
+        return out
+
+    def text_shape(event, data, state):
+        base = {"id": "cmpl-" + state["id"], "object": "text_completion", "created": state["created"],
+                "model": engine.model_name}
+        if event == "done":
+            return {**base, "choices": [{"index": 0, "text": "".join(state["text"]), "logprobs": None,
+                                         "finish_reason": reason(data)}], "usage": usage(data),
+                    "timings": data["timings"], "llamakv": data["llamakv"]}
+        if event == "first":
+            return None
+        if event == "text":
+            return {**base, "choices": [{"index": 0, "text": data, "logprobs": None, "finish_reason": None}]}
+        return final_chunks(base, {"index": 0, "text": "", "logprobs": None, "finish_reason": reason(data)},
+                            data, state)
+
+    def native_shape(event, data, state):
+        slot = state["start"]["id_slot"]
+        if event == "first":
+            return None
+        if event == "text":
+            return {"content": data, "stop": False, "id_slot": slot}
+        stop_type = {"stop": "word" if data["stopping_word"] else "eos"}.get(data["finish_reason"], "limit")
+        final = {"content": "".join(state["text"]) if event == "done" else "", "stop": True, "id_slot": slot,
+                 "model": engine.model_name, "tokens_predicted": data["n"],
+                 "tokens_evaluated": data["prompt_tokens"], "tokens_cached": data["timings"]["cache_n"],
+                 "stop_type": stop_type, "stopping_word": data["stopping_word"], "truncated": False,
+                 "timings": data["timings"], "llamakv": data["llamakv"]}
+        return final if event == "done" else [final]
+
+    async def chat(request: Request):
+        body = request.state.body = await body_of(request)
+        check_model(body)
+        tokens, split = await chat_tokens(body)
+        return await finish(request, generation_job(body, tokens, split), chat_shape)
+
+    async def completions(request: Request):
+        body = request.state.body = await body_of(request)
+        check_model(body)
+        if "prompt" not in body:
+            raise _bad("prompt is required")
+        if body.get("echo") or body.get("suffix") or body.get("best_of", 1) != 1:
+            raise _bad("echo, suffix and best_of are not supported")
+        tokens = await prompt_tokens(body["prompt"])
+        return await finish(request, generation_job(body, tokens, None), text_shape)
+
+    async def completion(request: Request):
+        body = request.state.body = await body_of(request)
+        if "prompt" not in body:
+            raise _bad("prompt is required")
+        tokens = await prompt_tokens(body["prompt"])
+        return await finish(request, generation_job(body, tokens, None), native_shape, done_marker=False)
+
+    async def tokenize(request: Request):
+        body = await body_of(request)
+        content = body.get("content")
+        if not isinstance(content, str):
+            raise _bad("content must be a string")
+        add_special = body.get("add_special", False)
+        parse_special = body.get("parse_special", True)
+        toks = await asyncio.to_thread(engine.tokenize, content, bool(add_special), bool(parse_special))
+        if body.get("with_pieces"):
+            return JSONResponse({"tokens": [{"id": t, "piece": engine.detokenize([t])} for t in toks]})
+        return JSONResponse({"tokens": toks})
+
+    async def detokenize(request: Request):
+        body = await body_of(request)
+        toks = body.get("tokens", [])
+        n_vocab = llama_cpp.llama_vocab_n_tokens(engine.vocab)
+        if not isinstance(toks, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < n_vocab
+                                                 for t in toks):
+            raise _bad(f"tokens must be a list of token ids in [0, {n_vocab})")
+        return JSONResponse({"content": engine.detokenize(toks)})
+
+    async def health(request: Request):
+        return JSONResponse({"status": "ok"})
+
+    async def models(request: Request):
+        return JSONResponse({"object": "list", "data": [{
+            "id": engine.model_name, "object": "model", "created": engine.created, "owned_by": "llamakv",
+            "meta": {"n_ctx": engine.session.n_ctx, "path": str(engine.model_path),
+                     "architecture": engine.session.architecture}}]})
+
+    async def props(request: Request):
+        d = engine.defaults
+        return JSONResponse({
+            "default_generation_settings": {
+                "n_ctx": engine.session.n_ctx, "model": engine.model_name,
+                "params": {"n_predict": args.n_predict, "temperature": args.temp, "top_k": args.top_k,
+                           "top_p": args.top_p, "min_p": args.min_p, "seed": args.seed}},
+            "total_slots": len(engine.slots), "model_path": str(engine.model_path),
+            "chat_template": engine.llama.metadata.get("tokenizer.chat_template", ""),
+            "build_info": f"llamakv (llama-cpp-python {llama_cpp.__version__})",
+            "modalities": {"vision": False, "audio": False},
+            "llamakv": {"ratio": d.ratio, "method": d.method, "aggregation": d.aggregation,
+                        "min_tokens": d.min_tokens, "budget": d.budget, "query_aware": d.query_aware,
+                        "methods": sorted(PRESSES)}})
+
+    async def metrics(request: Request):
+        return PlainTextResponse(engine.prometheus(), media_type="text/plain; version=0.0.4")
+
+    async def slots(request: Request):
+        return JSONResponse(engine.slots_view())
+
+    async def slot_action(request: Request):
+        try:
+            id_slot = int(request.path_params["id"])
+        except ValueError:
+            raise _bad("the slot id must be an integer") from None
+        if not 0 <= id_slot < len(engine.slots):
+            raise ApiError(404, f"no slot {id_slot} (slots 0..{len(engine.slots) - 1})", "not_found_error")
+        action = request.query_params.get("action")
+        if action not in ("save", "restore", "erase"):
+            raise _bad("action must be save, restore or erase (POST /slots/ID?action=save)")
+        filename = ""
+        if action != "erase":
+            if not args.slot_save_path:
+                raise ApiError(501, "slot save / restore needs --slot-save-path", "not_supported_error")
+            filename = (await body_of(request)).get("filename")
+            if not isinstance(filename, str) or not _FILENAME.match(filename):
+                raise _bad("filename must be a plain file name (letters, digits, '.', '_', '-'; no folders)")
+        data = await run_job(new_job(action, id_slot=id_slot, filename=filename), request)
+        return JSONResponse(data)
+
+    async def on_api_error(request, exc: ApiError):
+        return error(exc)
+
+    async def on_error(request, exc: Exception):
+        log.exception("unexpected error")
+        return error(ApiError(500, f"{type(exc).__name__}: {exc}", "server_error"))
+
+    async def on_gone(request, exc):
+        return PlainTextResponse("", status_code=499)
+
+    async def on_http(request, exc):
+        return error(ApiError(exc.status_code, exc.detail or "error",
+                              "not_found_error" if exc.status_code == 404 else "invalid_request_error"))
+
+    middleware = [Middleware(RequireKey, key=api_key)] if api_key else []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        engine.stop()
+
+    routes = [
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/chat/completions", chat, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/completions", completion, methods=["POST"]),
+        Route("/completion", completion, methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/health", health, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/models", models, methods=["GET"]),
+        Route("/props", props, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/slots", slots, methods=["GET"]),
+        Route("/slots/{id}", slot_action, methods=["POST"]),
+    ]
+    return Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
+                     exception_handlers={ApiError: on_api_error, ClientGone: on_gone,
+                                         HTTPException: on_http, Exception: on_error})
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+class RequireKey:
+    """ASGI middleware: every path but /health needs 'Authorization: Bearer KEY' (as llama-server)."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if (scope["type"] == "http" and scope["path"] != "/health"
+                and dict(scope["headers"]).get(b"authorization") != self.expected):
+            e = ApiError(401, "invalid API key", "authentication_error")
+            await JSONResponse(e.body(), status_code=401)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

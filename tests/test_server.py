@@ -1,0 +1,354 @@
+"""`llamakv serve` on loopback with the real SmolLM2, through the official openai client and raw HTTP."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+pytest.importorskip("sse_starlette")
+
+from conftest import ROOT, needle_prompt
+
+GREEDY = {"temperature": 0, "max_tokens": 8}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(tmp: Path, *extra: str):
+    """`llamakv serve` as a subprocess on a free loopback port, up when /health answers."""
+    port = _free_port()
+    log = tmp / f"server-{port}.log"
+    # one thread: on a loaded 2-core machine, two threads spinning on each other decode 5-10x slower
+    cmd = [sys.executable, "-m", "llamakv.cli", "serve", "-m", "smollm2-135m-instruct", "-c", "4096",
+           "--port", str(port), "-t", "1", *extra]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"the server did not answer /health in 120 s:\n{log.read_text()}")
+            time.sleep(0.3)
+        yield {"url": url, "proc": proc, "log": log}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode in (0, -15), log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("slots")
+    with running_server(tmp_path_factory.mktemp("log"), "-np", "2", "--slot-save-path", str(save_dir)) as srv:
+        srv["model"] = httpx.get(srv["url"] + "/v1/models").json()["data"][0]["id"]
+        srv["save_dir"] = save_dir
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key="x", max_retries=0, timeout=120)
+
+
+def post(server, path, body, **kw):
+    return httpx.post(server["url"] + path, json=body, timeout=120, **kw)
+
+
+def metrics(server) -> dict[str, float]:
+    text = httpx.get(server["url"] + "/metrics").text
+    return {k: float(v) for k, v in (line.split() for line in text.splitlines() if not line.startswith("#"))}
+
+
+def history(prompt_n: int, predicted_n: int, stopped_by_eos: bool) -> int:
+    """Tokens a slot holds after a request: the last sampled token is decoded only if it was
+    followed by an end-of-generation token (a limit or a stop string leave it undecoded)."""
+    return prompt_n + predicted_n - (0 if stopped_by_eos else 1)
+
+
+def wait_idle(server, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        slots = httpx.get(server["url"] + "/slots").json()
+        if not any(s["is_processing"] for s in slots):
+            return slots
+        time.sleep(0.1)
+    raise AssertionError(f"a slot is still processing: {slots}")
+
+
+QUESTION = [{"role": "user", "content": "Name three colours. Answer briefly."}]
+
+
+def test_chat_completions_streaming_and_not(server, client):
+    r = client.chat.completions.create(model=server["model"], messages=QUESTION, **GREEDY)
+    text = r.choices[0].message.content
+    assert text and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 8
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 8
+    chunks = list(client.chat.completions.create(model=server["model"], messages=QUESTION, stream=True,
+                                                 stream_options={"include_usage": True}, **GREEDY))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text  # greedy: the same answer either way
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    # the second request had the same prompt: all but the last prompt token came from the cache
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens - 1
+
+
+def test_completions_streaming_and_not(server, client):
+    prompt = "The first three planets from the sun are"
+    r = client.completions.create(model=server["model"], prompt=prompt, **GREEDY)
+    assert r.choices[0].text and r.usage.completion_tokens == 8
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=server["model"], prompt=prompt, stream=True, **GREEDY) if c.choices)
+    assert streamed == r.choices[0].text
+    r = client.completions.create(model=server["model"], prompt=prompt, stop=["\n", " is"], temperature=0,
+                                  max_tokens=16)
+    assert "\n" not in r.choices[0].text and " is" not in r.choices[0].text
+
+
+def test_native_endpoints(server):
+    url = server["url"]
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
+    props = httpx.get(url + "/props").json()
+    assert props["total_slots"] == 2 and props["default_generation_settings"]["n_ctx"] == 4096
+    assert "expected_attention" in props["llamakv"]["methods"]
+    toks = post(server, "/tokenize", {"content": "Hello world"}).json()["tokens"]
+    assert len(toks) >= 2 and all(isinstance(t, int) for t in toks)
+    assert post(server, "/detokenize", {"tokens": toks}).json()["content"] == "Hello world"
+    pieces = post(server, "/tokenize", {"content": "Hello world", "with_pieces": True}).json()["tokens"]
+    assert "".join(p["piece"] for p in pieces) == "Hello world"
+
+    body = {"prompt": "The capital of France is", "n_predict": 6, "temperature": 0, "cache_prompt": False}
+    r = post(server, "/completion", body).json()
+    assert r["stop"] is True and r["tokens_predicted"] == 6 and r["stop_type"] == "limit"
+    assert r["tokens_cached"] == 0 and r["timings"]["prompt_n"] == r["tokens_evaluated"]
+    events = []
+    with httpx.stream("POST", url + "/completion", json={**body, "stream": True}, timeout=120) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    assert "".join(e["content"] for e in events) == r["content"]
+    assert events[-1]["stop"] is True and all(not e["stop"] for e in events[:-1])
+    assert events[-1]["tokens_predicted"] == 6
+
+    # cache_prompt (the default): the same prompt again reuses all but its last token
+    again = post(server, "/completion", {**body, "cache_prompt": True}).json()
+    assert again["tokens_cached"] == r["tokens_evaluated"] - 1
+    assert again["content"] == r["content"]
+
+
+def test_errors_are_json_4xx_and_the_server_survives(server):
+    url = server["url"]
+    bad = httpx.post(url + "/v1/chat/completions", content=b"{not json", timeout=30,
+                     headers={"content-type": "application/json"})
+    assert bad.status_code == 400 and "JSON" in bad.json()["error"]["message"]
+    cases = [
+        ("/v1/chat/completions", {"model": "no-such-model", "messages": QUESTION}, 404),
+        ("/v1/chat/completions", {"messages": "hello"}, 400),
+        ("/v1/chat/completions", {"messages": QUESTION, "llamakv": {"ratio": 1.5}}, 400),
+        ("/v1/chat/completions", {"messages": QUESTION, "llamakv": {"method": "magic"}}, 400),
+        ("/v1/chat/completions", {"messages": QUESTION, "kv_compress_ratio": -0.1}, 400),
+        ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400),
+        ("/completion", {"prompt": [10**9]}, 400),
+        ("/completion", {}, 400),
+        ("/tokenize", {"content": 3}, 400),
+    ]
+    for path, body, status in cases:
+        r = post(server, path, body)
+        assert r.status_code == status, (path, body, r.text)
+        err = r.json()["error"]
+        assert err["code"] == status and err["message"] and err["type"]
+    # a prompt larger than the context (4096 cells), as text and streamed
+    too_long = "word " * 5000
+    for stream in (False, True):
+        r = post(server, "/v1/completions", {"prompt": too_long, "max_tokens": 4, "stream": stream})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["type"] == "exceed_context_size_error"
+        assert "context" in r.json()["error"]["message"]
+    assert httpx.get(url + "/v1/nothing-here").status_code == 404
+    assert post(server, "/completion", {"prompt": "Hi", "n_predict": 2}).status_code == 200
+
+
+def test_compression_and_prefix_reuse_after_eviction(server, client):
+    doc, question, _ = needle_prompt(n_repeats=20, at=7)
+    kv = {"ratio": 0.5, "min_tokens": 0}
+    before = metrics(server)
+    messages = [{"role": "user", "content": doc + "\n\n" + question}]
+    r1 = client.chat.completions.create(model=server["model"], messages=messages, max_tokens=12, temperature=0,
+                                        extra_body={"llamakv": kv})
+    info1 = r1.model_extra["llamakv"]
+    comp = info1["compression"]
+    assert comp is not None and comp["evicted"] > 100 and comp["cells_after"] < comp["cells_before"]
+    assert info1["cells"] < r1.usage.prompt_tokens * 0.7  # about half of the prompt's cells are gone
+    after = metrics(server)
+    assert after["llamakv:kv_cells_evicted_total"] - before["llamakv:kv_cells_evicted_total"] == comp["evicted"]
+    assert after["llamakv:compress_seconds_total"] > before["llamakv:compress_seconds_total"]
+    assert after["llamakv:compressions_total"] == before["llamakv:compressions_total"] + 1
+
+    # the next turn: everything of the first (its prompt and the answer but for its last token,
+    # which was never decoded) comes from the compressed cache; only the new turn is prefilled
+    messages += [{"role": "assistant", "content": r1.choices[0].message.content},
+                 {"role": "user", "content": "Say it again."}]
+    r2 = client.chat.completions.create(model=server["model"], messages=messages, max_tokens=8, temperature=0,
+                                        extra_body={"llamakv": kv})
+    cached = r2.usage.prompt_tokens_details.cached_tokens
+    assert cached == history(r1.usage.prompt_tokens, r1.usage.completion_tokens, r1.choices[0].finish_reason == "stop")
+    assert r2.model_extra["timings"]["prompt_n"] == r2.usage.prompt_tokens - cached
+    assert r2.model_extra["timings"]["prompt_n"] < 40
+    slot = next(s for s in httpx.get(server["url"] + "/slots").json() if s["loaded"])
+    assert slot["n_past"] == history(r2.usage.prompt_tokens, r2.usage.completion_tokens,
+                                     r2.choices[0].finish_reason == "stop")
+    assert slot["n_cells"] < slot["n_past"] * 0.7  # the conversation lives compressed
+    assert metrics(server)["llamakv:kv_cells_used"] == slot["n_cells"]
+    # query-agnostic (the default): the earlier turns were compressed before the new question came in
+    comp2 = r2.model_extra["llamakv"]["compression"]
+    assert comp2["before_last_message"] is True
+    assert comp2["cells_before"] < info1["cells"] + r2.model_extra["timings"]["prompt_n"]
+
+    # query-aware: the whole prompt, question included, is in the cache when it is compressed
+    messages += [{"role": "assistant", "content": r2.choices[0].message.content},
+                 {"role": "user", "content": question}]
+    r3 = client.chat.completions.create(model=server["model"], messages=messages, max_tokens=4, temperature=0,
+                                        extra_body={"llamakv": {**kv, "query_aware": True}})
+    info3 = r3.model_extra["llamakv"]
+    assert info3["query_aware"] and info3["compression"]["before_last_message"] is False
+    assert info3["compression"]["cells_before"] == slot["n_cells"] + r3.model_extra["timings"]["prompt_n"]
+
+    # the same request again: the slot is rewound inside its compressed cache to the prompt's last token
+    r4 = client.chat.completions.create(model=server["model"], messages=messages, max_tokens=4, temperature=0,
+                                        extra_body={"llamakv": {**kv, "query_aware": True}})
+    assert r4.usage.prompt_tokens_details.cached_tokens == r3.usage.prompt_tokens - 1
+    assert r4.model_extra["timings"]["prompt_n"] == 1
+    assert r4.choices[0].message.content
+
+
+def test_cache_budget(server):
+    doc, _, _ = needle_prompt(n_repeats=10, at=3)
+    r = post(server, "/completion", {"prompt": doc, "n_predict": 2, "temperature": 0, "cache_prompt": False,
+                                     "llamakv": {"ratio": 0, "budget": 64, "min_tokens": 0}}).json()
+    comp = r["llamakv"]["compression"]
+    assert r["tokens_evaluated"] > 200
+    assert comp["cells_before"] == r["tokens_evaluated"] and comp["cells_after"] == 64
+
+
+def test_prefix_reuse_gives_the_answer_of_a_fresh_prefill(server):
+    """Without compression, reusing the slot's cache must give exactly the fresh answer."""
+    doc, question, _ = needle_prompt(n_repeats=6, at=2)
+    first = {"prompt": doc, "n_predict": 4, "temperature": 0, "llamakv": {"ratio": 0}}
+    r1 = post(server, "/completion", first).json()
+    follow = {**first, "prompt": doc + r1["content"] + " " + question, "n_predict": 10}
+    reused = post(server, "/completion", follow).json()
+    fresh = post(server, "/completion", {**follow, "cache_prompt": False}).json()
+    assert reused["tokens_cached"] > r1["tokens_evaluated"] - 2
+    assert fresh["tokens_cached"] == 0
+    assert reused["content"] == fresh["content"]
+
+
+def test_concurrent_clients_each_get_their_own_answer(server, client):
+    prompts = [f"Write the number {n} in words:" for n in (7, 12, 31)]
+    alone = [client.completions.create(model=server["model"], prompt=p, temperature=0, max_tokens=10,
+                                       extra_body={"cache_prompt": False}).choices[0].text for p in prompts]
+
+    def ask(i):
+        c = openai.OpenAI(base_url=server["url"] + "/v1", api_key="x", max_retries=0, timeout=120)
+        # fresh prefills, as the runs alone: the same computation, so greedy answers must be equal
+        kw = {"model": server["model"], "prompt": prompts[i], "temperature": 0, "max_tokens": 10,
+              "extra_body": {"cache_prompt": False}}
+        if i % 2:  # half of them streamed
+            return "".join(ch.choices[0].text for ch in c.completions.create(stream=True, **kw) if ch.choices)
+        return c.completions.create(**kw).choices[0].text
+
+    with ThreadPoolExecutor(3) as pool:  # all three at once; .result() raises what a thread raised
+        results = [f.result(timeout=300) for f in [pool.submit(ask, i) for i in range(3)]]
+    assert results == alone
+    assert len(set(results)) == 3
+    wait_idle(server)
+
+
+def test_client_disconnect_mid_stream_frees_the_slot(server):
+    body = {"prompt": "Once upon a time", "n_predict": 400, "temperature": 0, "stream": True}
+    before = metrics(server)["llamacpp:tokens_predicted_total"]
+    with httpx.stream("POST", server["url"] + "/completion", json=body, timeout=120) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                assert not json.loads(line[6:])["stop"]
+                break  # leave after the first chunk: the connection is closed
+    slots = wait_idle(server)
+    assert not any(s["is_processing"] for s in slots)
+    generated = metrics(server)["llamacpp:tokens_predicted_total"] - before
+    assert generated < 400  # generation stopped early
+    r = post(server, "/completion", {"prompt": "Hello", "n_predict": 3, "temperature": 0})
+    assert r.status_code == 200 and r.json()["tokens_predicted"] == 3
+
+    # not streamed: the client gives up waiting; the server notices and stops generating too
+    before = metrics(server)["llamacpp:tokens_predicted_total"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server["url"] + "/completion", json={**body, "stream": False}, timeout=1.0)
+    wait_idle(server)
+    assert metrics(server)["llamacpp:tokens_predicted_total"] - before < 400
+    assert post(server, "/completion", {"prompt": "Hello", "n_predict": 3, "temperature": 0}).status_code == 200
+
+
+def test_slot_save_erase_restore(server):
+    prompt = "A list of fruits: apple, banana, cherry,"
+    r = post(server, "/completion", {"prompt": prompt, "n_predict": 4, "temperature": 0, "id_slot": 1}).json()
+    assert r["id_slot"] == 1
+    saved = post(server, "/slots/1?action=save", {"filename": "fruits.llamakv"}).json()
+    assert saved["n_saved"] == history(r["tokens_evaluated"], r["tokens_predicted"], r["stop_type"] == "eos")
+    assert saved["n_written"] > 0
+    assert (server["save_dir"] / "fruits.llamakv").stat().st_size == saved["n_written"]
+    assert post(server, "/slots/1?action=erase", {}).json()["n_erased"] == saved["n_saved"]
+    assert httpx.get(server["url"] + "/slots").json()[1]["n_past"] == 0
+    restored = post(server, "/slots/1?action=restore", {"filename": "fruits.llamakv"}).json()
+    assert restored["n_restored"] == saved["n_saved"]
+    follow = {"prompt": prompt + r["content"] + " and", "n_predict": 4, "temperature": 0, "id_slot": 1}
+    again = post(server, "/completion", follow).json()
+    assert again["tokens_cached"] >= saved["n_saved"] - 1
+    for body, status in [({"filename": "../escape"}, 400), ({"filename": "missing.llamakv"}, 404)]:
+        assert post(server, "/slots/1?action=restore", body).status_code == status
+    assert post(server, "/slots/9?action=save", {"filename": "x"}).status_code == 404
+
+
+def test_api_key(tmp_path):
+    with running_server(tmp_path, "--api-key", "sekret", "-a", "tiny") as srv:
+        assert httpx.get(srv["url"] + "/health").status_code == 200  # open, as in llama-server
+        denied = httpx.get(srv["url"] + "/v1/models")
+        assert denied.status_code == 401 and denied.json()["error"]["type"] == "authentication_error"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv["url"] + "/v1", api_key="wrong", max_retries=0).models.list()
+        ok = openai.OpenAI(base_url=srv["url"] + "/v1", api_key="sekret", max_retries=0)
+        assert [m.id for m in ok.models.list()] == ["tiny"]
+        r = ok.chat.completions.create(model="tiny", messages=QUESTION, temperature=0, max_tokens=3)
+        assert r.usage.completion_tokens == 3
