@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import codecs
-import inspect
 import logging
 import math
 import os
@@ -319,7 +318,6 @@ class Engine:
         self.jobs: queue.Queue = queue.Queue()
         self.current: Job | None = None
         self.n_task = 0
-        self.compress_kw = set(inspect.signature(self.session.compress).parameters)
         self.created = int(time.time())
         self.thread = threading.Thread(target=self._work, name="llamakv-inference", daemon=True)
         self.thread.start()
@@ -409,17 +407,7 @@ class Engine:
 
     def _rewind(self, n: int) -> None:
         """Keep only positions < n (the first n tokens of the history), compressed as they are."""
-        s = self.session
-        if hasattr(s, "truncate"):
-            s.truncate(n)
-            return
-        # until the core has KVSession.truncate: drop the cells and captured rows of positions >= n
-        pos = s.score_inputs().pos
-        if s.next_pos > n:
-            s.cache.evict(np.arange(n, s.next_pos))
-        keep = np.flatnonzero(pos < n)
-        s.capture.keep_rows(keep)
-        s.next_pos, s.n_cells = n, len(keep)
+        self.session.truncate(n)
 
     def _reuse(self, slot: Slot, tokens: list[int], cache_prompt: bool) -> int:
         """Prepare the slot's cache for `tokens`; returns how many of them are already in it."""
@@ -441,7 +429,7 @@ class Engine:
         target = s.n_cells - math.ceil((1.0 - kv.ratio) * n_logical)
         if kv.budget:
             target = max(target, s.n_cells - kv.budget)
-        pos = s.score_inputs().pos
+        pos = s.positions
         candidates = int(np.count_nonzero((pos >= s.n_sink) & (pos < s.next_pos - max(protect, 1))))
         n_evict = min(target, candidates)
         if n_evict <= 0:
@@ -449,13 +437,8 @@ class Engine:
         press = self.presses.get(kv.method)
         if press is None:
             press = self.presses[kv.method] = make_press(kv.method)
-        kw = {}
-        if protect > 1:
-            kw["protect_recent"] = protect
+        kw = {"protect_recent": protect} if protect > 1 else {}
         ratio = min((n_evict + 0.5) / candidates, (candidates - 0.5) / candidates)
-        if "protect_recent" not in self.compress_kw:  # the core counts the protected cells itself
-            kw.pop("protect_recent", None)
-            ratio = min((n_evict + 0.5) / (candidates + protect - 1), 0.999999)
         t0 = time.perf_counter()
         report = s.compress(ratio, press=press, aggregation=kv.aggregation, **kw)
         took = time.perf_counter() - t0  # scoring, eviction, compaction (capture ran during prefill)

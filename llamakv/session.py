@@ -44,6 +44,7 @@ class Snapshot:
     captured: dict           # Capture.state_arrays(): query statistics, recent queries, rope
     next_pos: int
     n_cells: int
+    positions: np.ndarray    # positions of the cells, sorted
 
 
 @dataclass
@@ -172,6 +173,7 @@ class KVSession:
         self._batch = llama_cpp.llama_batch_init(self.n_ubatch, 0, 1)
         self.next_pos = 0       # position of the next token
         self.n_cells = 0        # cells this sequence holds
+        self._positions = np.zeros(0, dtype=np.int64)  # their positions, sorted
         self._has_logits = False
         self._capture_mark = 0.0  # capture time already reported
         self.last_report: CompressionReport | None = None
@@ -299,6 +301,7 @@ class KVSession:
                 if rc == 1:
                     raise CacheFullError("llama.cpp found no free KV slot for the batch")
                 raise LlamaKVError(f"llama_decode failed with code {rc}")
+            self._positions = np.concatenate([self._positions, np.arange(self.next_pos, self.next_pos + m)])
             self.next_pos += m
             self.n_cells += m
             self._has_logits = True
@@ -314,6 +317,24 @@ class KVSession:
             raise ValueError("empty prompt: nothing to prefill")
         self._decode(tokens, progress=progress)
         return len(tokens)
+
+    @property
+    def positions(self) -> np.ndarray:
+        """Positions of the cells this sequence holds, sorted (a copy)."""
+        return self._positions.copy()
+
+    def truncate(self, n_pos: int) -> None:
+        """Forget positions >= n_pos (rewind a conversation to a common prefix): their cells are
+        freed and the next token takes position n_pos. The query statistics keep what they saw."""
+        if not 0 <= n_pos <= self.next_pos:
+            raise ValueError(f"cannot truncate to position {n_pos}: the sequence is at {self.next_pos}")
+        if n_pos == self.next_pos:
+            return
+        llama_cpp.llama_memory_seq_rm(self.cache.memory, self.cache.seq_id, n_pos, -1)
+        self._positions = self._positions[self._positions < n_pos]
+        self.n_cells = len(self._positions)
+        self.next_pos = n_pos
+        self._has_logits = False
 
     # -- compression -----------------------------------------------------------------------
     def score_inputs(self, state: np.ndarray | None = None) -> ScoreInputs:
@@ -372,6 +393,7 @@ class KVSession:
             t3 = time.perf_counter()
         t4 = time.perf_counter()
         self.n_cells -= len(evict_rows)
+        self._positions = np.sort(np.delete(pos, evict_rows)).astype(np.int64)
 
         self.last_report = CompressionReport(
             method=press.name, aggregation=aggregation, ratio=float(ratio),
@@ -450,7 +472,7 @@ class KVSession:
         then try several compressions."""
         captured = {k: v.copy() for k, v in self.capture.state_arrays().items()}
         return Snapshot(llama_state=self.cache.get_state(), captured=captured,
-                        next_pos=self.next_pos, n_cells=self.n_cells)
+                        next_pos=self.next_pos, n_cells=self.n_cells, positions=self._positions.copy())
 
     def restore(self, snap: "Snapshot") -> None:
         """Put a snapshot back; if llama.cpp refuses it, the current cache is kept."""
@@ -459,6 +481,7 @@ class KVSession:
         backup = self.cache.get_state() if self.n_cells else None
         self.cache.set_state(snap.llama_state, fallback=backup)
         self.capture.load_state_arrays(snap.captured)
+        self._positions = np.asarray(snap.positions, dtype=np.int64).copy()
         self.next_pos = snap.next_pos
         self.n_cells = snap.n_cells
         self._has_logits = False
@@ -471,7 +494,7 @@ class KVSession:
         meta = {"magic": STATE_MAGIC, "version": STATE_VERSION, "model": self.fingerprint(),
                 "next_pos": snap.next_pos, "n_cells": snap.n_cells, "extra": extra or {}}
         arrays = dict(meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-                      llama_state=snap.llama_state, **snap.captured)
+                      llama_state=snap.llama_state, positions=snap.positions, **snap.captured)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
@@ -505,8 +528,10 @@ class KVSession:
             diff = {k: (meta["model"].get(k), v) for k, v in mine.items() if meta["model"].get(k) != v}
             raise StateError(f"{path} was saved from another model (saved vs loaded: {diff})")
         captured = {k: v for k, v in data.items() if k not in ("meta", "llama_state")}
+        captured.pop("positions", None)
         self.restore(Snapshot(llama_state=data["llama_state"], captured=captured,
-                              next_pos=int(meta["next_pos"]), n_cells=int(meta["n_cells"])))
+                              next_pos=int(meta["next_pos"]), n_cells=int(meta["n_cells"]),
+                              positions=data["positions"]))
         return meta.get("extra", {})
 
     def reset(self) -> None:
@@ -516,4 +541,5 @@ class KVSession:
         self._capture_mark = 0.0
         self.next_pos = 0
         self.n_cells = 0
+        self._positions = np.zeros(0, dtype=np.int64)
         self._has_logits = False

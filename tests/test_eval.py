@@ -8,9 +8,7 @@ from importlib import metadata
 
 import pytest
 
-from llamakv import KVSession
 from llamakv.cli import main
-from llamakv.errors import LlamaKVError
 from llamakv.eval import run, tasks
 
 try:
@@ -124,7 +122,7 @@ def test_end_to_end_small_run(tmp_path, capsys):
     samples = tasks.load_samples(dump)
     assert len(samples) == 1 and 650 <= samples[0].n_tokens + samples[0].max_new_tokens <= 800
 
-    modes = ["agnostic"] + (["aware"] if run._supports_protect_recent(KVSession) else [])
+    modes = ["agnostic", "aware"]
     assert main(["eval", "--samples", str(dump), "--ratios", "0,0.5", "--modes", ",".join(modes),
                  "--kl-tokens", "8", "--max-new-tokens", "24", "-t", "1", "--out", str(out),
                  "--name", "e2e"]) == 0
@@ -158,6 +156,3 @@ def test_runner_refuses_bad_options(session, count):
         run.run_eval(session, s, ratios=[1.0])
     with pytest.raises(ValueError, match="mode"):
         run.run_eval(session, s, modes=["sideways"])
-    if not run._supports_protect_recent(session):
-        with pytest.raises(LlamaKVError, match="protect_recent"):
-            run.run_eval(session, s, modes=["aware"])

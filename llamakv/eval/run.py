@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import inspect
 import math
 import sys
 import time
@@ -103,10 +102,6 @@ def _answer(session, prompt: Sequence[int], max_tokens: int) -> str:
     return session.generate(list(prompt), max_tokens=max_tokens, temperature=0.0)
 
 
-def _supports_protect_recent(session) -> bool:
-    return "protect_recent" in inspect.signature(session.compress).parameters
-
-
 # -- the runner ---------------------------------------------------------------------------------
 def run_eval(session, samples: Sequence[Sample], *, methods: Sequence[str] = ("expected_attention",),
              ratios: Sequence[float] = (0.0, 0.5), aggregations: Sequence[str] = ("mean",),
@@ -124,9 +119,6 @@ def run_eval(session, samples: Sequence[Sample], *, methods: Sequence[str] = ("e
     for r in ratios:
         if not 0.0 <= r < 1.0:
             raise ValueError(f"ratios must be in [0, 1), got {r}")
-    if "aware" in modes and not _supports_protect_recent(session):
-        raise LlamaKVError("query-aware mode needs KVSession.compress(protect_recent=...), "
-                           "which this llamakv does not have yet")
     methods = [m for m in methods if m != "full"]
     presses = {m: make_press(m, **(press_kwargs or {})) for m in methods}  # unknown names fail here
     configs = [(m, r, a, mode) for m in methods for r in sorted(set(ratios)) if r > 0
