@@ -55,6 +55,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--no-chat", action="store_true",
                    help="plain text instead of the model's chat template")
+    p.add_argument("--budget", type=int, default=None,
+                   help="cells the prompt and the answer stream through (default: the cache, -c); a prompt "
+                        "longer than that is compressed while it is prefilled, and the answer is compressed "
+                        "instead of stopping when the cache is full")
+    p.add_argument("--target", type=int, default=None,
+                   help="cells left after each compression of a bounded cache (default half the budget)")
+    p.add_argument("--compress-every", type=int, default=None,
+                   help="also compress the answer's cache every N generated tokens")
     p.add_argument("--json", action="store_true", help="print the report and answer as JSON")
     p.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's own logs")
 
@@ -126,8 +134,10 @@ def _split_prompt(session, context: str | None, chat: bool) -> tuple[str | None,
 def _answer(session, template: str, question: str, args) -> str:
     pieces = []
     stream = not args.json and sys.stdout.isatty()
+    budget = args.budget or session.n_ctx  # never stop on a full cache: compress instead
     for piece in session.stream(template.format(question=question), max_tokens=args.n_predict,
-                                temperature=args.temp, seed=args.seed):
+                                temperature=args.temp, seed=args.seed, budget=budget, target=args.target,
+                                compress_every=args.compress_every):
         pieces.append(piece)
         if stream:
             print(piece, end="", flush=True)
@@ -158,9 +168,16 @@ def cmd_compress(args) -> int:
                        full_covariance=args.full_covariance)
     before, template = _split_prompt(session, context, not args.no_chat)
     tokens = session.tokenize(before)
+    budget = args.budget
+    if budget is None and len(tokens) > session.n_ctx - args.n_predict - 64:
+        budget = session.n_ctx
+        if not args.json:
+            print(f"llamakv: the prompt ({len(tokens)} tokens) does not fit the cache with room for the answer: "
+                  f"streaming it through {budget} cells (-c / --budget)", file=sys.stderr)
     t0 = time.perf_counter()
-    session.prefill(tokens, progress=Progress("prefill", quiet=args.json))
+    session.prefill(tokens, progress=Progress("prefill", quiet=args.json), budget=budget, target=args.target)
     prefill_s = time.perf_counter() - t0
+    streamed = len(session.reports)
     report = session.compress(args.ratio, press=press, aggregation=args.aggregation,
                               compact=not args.no_compact)
     saved = None
@@ -168,7 +185,8 @@ def cmd_compress(args) -> int:
         saved = session.save(args.save, extra={"template": template})
     if not args.json:
         print(f"prompt        {len(tokens)} tokens, prefill {prefill_s:.1f} s "
-              f"({len(tokens) / prefill_s:.0f} tok/s)")
+              f"({len(tokens) / prefill_s:.0f} tok/s)"
+              + (f", {streamed} compressions while prefilling through {budget} cells" if streamed else ""))
         print(report.format())
         if saved:
             print(f"saved         {args.save} ({saved / 2**20:.1f} MiB)")
@@ -184,6 +202,7 @@ def cmd_compress(args) -> int:
     if args.json:
         print(json.dumps({"prompt_tokens": len(tokens), "prefill_s": prefill_s,
                           "report": report.as_dict(), "question": question, "answer": answer,
+                          "prefill_compressions": [r.as_dict() for r in session.reports[:streamed]],
                           "saved": args.save}, indent=1))
     return 0
 

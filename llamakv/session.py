@@ -135,7 +135,7 @@ class KVSession:
     def __init__(self, llama: llama_cpp.Llama, *, n_sink: int = 4, full_covariance: bool = False,
                  press: Press | None = None, aggregation: str = "mean", seq_id: int = 0,
                  stats_window: int | None = None, stats_rows: int | None = None, window: int = 64,
-                 capture_generation: bool = False):
+                 capture_generation: bool = False, recent: int = 64):
         self.llama = llama
         model = llama._model.model
         self.architecture = _meta(model, "general.architecture") or "?"
@@ -164,6 +164,8 @@ class KVSession:
         self.stats_window = stats_window
         self.stats_rows = stats_rows
         self.capture_generation = capture_generation
+        self.recent = recent    # newest positions a bounded cache never evicts
+        self.reports: list[CompressionReport] = []  # every compression since the last reset
         self._install_callback(params)
         self.ctx = llama._ctx.ctx
         self._switch = _CallbackSwitch(self.ctx, self.capture)
@@ -310,13 +312,56 @@ class KVSession:
             if progress:
                 progress(done, n)
 
-    def prefill(self, prompt: str | Sequence[int], *, progress: ProgressFn | None = None) -> int:
-        """Append text (tokenized with special tokens) or token ids; returns the number of tokens."""
+    def prefill(self, prompt: str | Sequence[int], *, progress: ProgressFn | None = None,
+                budget: int | None = None, target: int | None = None) -> int:
+        """Append text (tokenized with special tokens) or token ids; returns the number of tokens.
+
+        With a `budget` (cells, at most n_ctx) a prompt of any length streams through the cache:
+        it is decoded in chunks (a ubatch, or budget - target tokens if fewer) and, whenever the
+        next chunk would not fit, the cache is compressed down to `target` cells (default half the budget) with the session's press,
+        keeping the sinks and the newest `recent` tokens; the query statistics accumulate over
+        the whole prompt. Each compression's report is appended to `reports`."""
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if not tokens:
             raise ValueError("empty prompt: nothing to prefill")
-        self._decode(tokens, progress=progress)
+        if budget is None:
+            self._decode(tokens, progress=progress)
+            return len(tokens)
+        budget, target = self._bounds(budget, target)
+        step = min(self.n_ubatch, budget - target)
+        done = 0
+        while done < len(tokens):
+            chunk = tokens[done:done + step]
+            if self.n_cells + len(chunk) > budget:
+                self.compress_to(target)
+            self._decode(chunk)
+            done += len(chunk)
+            if progress:
+                progress(done, len(tokens))
         return len(tokens)
+
+    def _bounds(self, budget: int, target: int | None) -> tuple[int, int]:
+        budget = int(budget)
+        if not 0 < budget <= self.n_ctx:
+            raise ValueError(f"the cache budget must be in (0, n_ctx = {self.n_ctx}], got {budget}")
+        target = budget // 2 if target is None else int(target)
+        if not self.n_sink + self.recent < target < budget:
+            raise ValueError(f"the target size after compression must be in ({self.n_sink + self.recent}, "
+                             f"{budget}) for a budget of {budget} cells, got {target}")
+        return budget, target
+
+    def compress_to(self, n_cells: int, *, press: Press | None = None, aggregation: str | None = None,
+                    compact: bool = True) -> CompressionReport | None:
+        """Compress down to `n_cells` cells (None if the cache already holds no more), keeping the
+        sinks and the newest `recent` positions."""
+        protect = max(1, self.recent)
+        pos = self._positions
+        candidates = int(np.count_nonzero((pos >= self.n_sink) & (pos < self.next_pos - protect)))
+        n_evict = min(self.n_cells - int(n_cells), candidates)
+        if n_evict <= 0:
+            return None
+        ratio = min((n_evict + 0.5) / candidates, (candidates - 0.5) / candidates)
+        return self.compress(ratio, press=press, aggregation=aggregation, compact=compact, protect_recent=protect)
 
     @property
     def positions(self) -> np.ndarray:
@@ -403,6 +448,7 @@ class KVSession:
             capture_s=self.capture.capture_seconds - self._capture_mark, state_read_s=t1 - t0,
             scoring_s=t2 - t1, eviction_s=t3 - t2, compaction_s=t4 - t3, n_kv_before=n_kv_before)
         self._capture_mark = self.capture.capture_seconds
+        self.reports.append(self.last_report)
         return self.last_report
 
     # -- generation ------------------------------------------------------------------------
@@ -419,24 +465,48 @@ class KVSession:
 
     def stream(self, prompt: str | Sequence[int] | None = None, *, max_tokens: int = 256,
                temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95, seed: int = 0,
-               stop: Sequence[str] = ()) -> Iterator[str]:
-        """Yield generated text pieces. With a prompt, it is prefilled first; without one,
-        generation continues from the logits of the last decoded token."""
+               stop: Sequence[str] = (), budget: int | None = None, target: int | None = None,
+               compress_every: int | None = None, query_buffer: int = 128) -> Iterator[str]:
+        """Yield generated text pieces. With a prompt, it is prefilled first (through the budget,
+        if given); without one, generation continues from the logits of the last decoded token.
+
+        With a `budget`, generation never runs out of cache: when the cache is full, or every
+        `compress_every` generated tokens, it is compressed to `target` cells (default half the
+        budget) with statistics of the last `query_buffer` generated queries (the only tokens
+        whose queries are captured while generating). This replaces llama.cpp's context shift."""
+        if budget is not None:
+            budget, target = self._bounds(budget, target)
         if prompt is not None:
-            self.prefill(prompt)
+            self.prefill(prompt, budget=budget, target=target)
         elif not self._has_logits:
             raise ValueError("nothing to continue from: give a prompt (after load(), the state "
                              "holds no logits)")
         sampler = self._sampler(temperature, top_k, top_p, seed)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text = ""
+        since = 0           # tokens generated since the last compression
+        buffering = False   # the statistics hold only the current buffer of generated queries
         try:
             for _ in range(max_tokens):
                 tok = llama_cpp.llama_sampler_sample(sampler, self.ctx, -1)
                 if llama_cpp.llama_vocab_is_eog(self.vocab, tok):
                     break
                 piece = decoder.decode(self.token_bytes(tok))
-                self._decode([tok], capture=self.capture_generation)
+                capture = self.capture_generation
+                if budget is not None:
+                    if self.n_cells + 1 > budget or (compress_every and since >= compress_every):
+                        self.compress_to(target)
+                        since, buffering = 0, False
+                    until = budget - self.n_cells
+                    if compress_every:
+                        until = min(until, compress_every - since)
+                    if until <= query_buffer:
+                        if not buffering:
+                            self.capture.stats.reset()
+                            buffering = True
+                        capture = True
+                self._decode([tok], capture=capture)
+                since += 1
                 if stop:
                     text += piece
                     hit = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
@@ -542,4 +612,5 @@ class KVSession:
         self.next_pos = 0
         self.n_cells = 0
         self._positions = np.zeros(0, dtype=np.int64)
+        self.reports = []
         self._has_logits = False
