@@ -46,6 +46,7 @@ import numpy as np
 
 from llamakv import KVSession
 from llamakv.models import resolve_model
+from llamakv.rope import ROPE_NORM
 from llamakv.scoring import ExpectedAttention, ScoreInputs, aggregate
 
 N_SINK = 4
@@ -103,12 +104,13 @@ def load_hf(path: Path, threads: int):
     return tok, model
 
 
-def llama_order(head_dim: int) -> np.ndarray:
-    """Index map from transformers' head dimensions to llama.cpp's for llama models: GGUF
-    conversion permutes Q/K rows so that llama.cpp's NORM rope (pairs 2j, 2j+1) matches HF's
-    rotate-half rope (pairs j, j + d/2); transformers undoes it on load. llama[i] = hf[perm[i]]."""
+def llama_order(head_dim: int, rope_mode: int) -> np.ndarray:
+    """Index map from transformers' head dimensions to llama.cpp's: llama[i] = hf[perm[i]]. For
+    NORM-rope models (llama) GGUF conversion permutes Q/K rows so that llama.cpp's pairs (2j, 2j+1)
+    match transformers' rotate-half pairs (j, j + d/2), and transformers undoes it on load; NEOX-rope
+    models (qwen2) keep the order."""
     i = np.arange(head_dim)
-    return (i % 2) * (head_dim // 2) + i // 2
+    return (i % 2) * (head_dim // 2) + i // 2 if rope_mode == ROPE_NORM else i
 
 
 @contextlib.contextmanager
@@ -116,7 +118,9 @@ def llama_cpp_numerics(model):
     """Make transformers compute like llama.cpp's CPU backend does on this GGUF, where it differs
     from float32: the inputs of the Q4_1 matrix products are quantized to Q8_1 (blocks of 32,
     scale amax/127 stored as fp16), and attention reads Q, K and V as fp16 (F16 KV cache; the
-    query converted to fp16 for K·Q) and the softmax as fp16 (for V·softmax)."""
+    query converted to fp16 for K·Q) and the softmax as fp16 (for V·softmax). Written for Q4_1
+    layer weights (SmolLM2's file); other weight types pair with other activation types (Q4_K with
+    Q8_K, blocks of 256), which this does not model."""
     import torch
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -150,7 +154,8 @@ def llama_cpp_numerics(model):
             h.remove()
 
 
-def kvpress_scores(model, token_ids: list[int], epsilons: tuple[float, ...], emulate: bool = False) -> dict:
+def kvpress_scores(model, token_ids: list[int], epsilons: tuple[float, ...], rope_mode: int,
+                   emulate: bool = False) -> dict:
     """ExpectedAttentionPress.score per layer on one prefill of token_ids, from kvpress's own
     forward hook (compression ratio irrelevant: the recorder returns the cache unchanged), and
     the inputs it saw: pre-RoPE query statistics, keys after RoPE and value norms, in llama.cpp's
@@ -163,7 +168,7 @@ def kvpress_scores(model, token_ids: list[int], epsilons: tuple[float, ...], emu
     presses = {eps: ExpectedAttentionPress(compression_ratio=0.5, epsilon=eps, n_sink=N_SINK) for eps in epsilons}
     cfg = model.config
     n_layer, d = cfg.num_hidden_layers, cfg.head_dim
-    perm = llama_order(d)
+    perm = llama_order(d, rope_mode)
     out = {f"scores_eps{eps:g}": [None] * n_layer for eps in epsilons}
     out.update(keys=[None] * n_layer, vnorm=[None] * n_layer, q_mean=[None] * n_layer,
                q_var=[None] * n_layer, q_cov=[None] * n_layer, q_count=[None] * n_layer)
@@ -246,9 +251,9 @@ def run_parity(args) -> dict:
         "rope_transformers": {"rope_theta": hf_theta},
         "query_count_llama_cpp": ours.stats.count.tolist()[:1],
     }
-    theirs = kvpress_scores(model, tokens, (0.0, 0.01))
+    theirs = kvpress_scores(model, tokens, (0.0, 0.01), rope0.mode)
     facts["query_count_kvpress"] = theirs["q_count"].tolist()[:1]
-    emu = kvpress_scores(model, tokens, (0.0,), emulate=True) if args.emulate else None
+    emu = kvpress_scores(model, tokens, (0.0,), rope0.mode, emulate=True) if args.emulate else None
 
     def as_inputs(t: dict) -> ScoreInputs:
         return ScoreInputs(keys=t["keys"], vnorm=t["vnorm"], pos=np.arange(n), rope=ours.rope,
