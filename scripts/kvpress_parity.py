@@ -129,7 +129,17 @@ def llama_cpp_numerics(model):
         b = x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
         d = b.abs().amax(dim=-1, keepdim=True) / 127
         q = torch.round(b / torch.where(d > 0, d, torch.ones_like(d)))
-        return ((q * d.half().float()).reshape(x.shape),) + tuple(args[1:])
+        d16 = d.half().float()
+        # Q4_1·Q8_1 adds each block's min m times the Q8_1 block sum s = fp16(d·Σq), not the sum of
+        # the dequantized values: keep the difference for the forward hook
+        module._q8_sum_err = (d * q.sum(-1, keepdim=True)).half().float().squeeze(-1) - d16.squeeze(-1) * q.sum(-1)
+        return ((q * d16).reshape(x.shape),) + tuple(args[1:])
+
+    def q8_1_sums(module, args, output):
+        if getattr(module, "_q4_1_min", None) is None:  # the block minimum of a Q4_1 row is its m
+            w = module.weight
+            module._q4_1_min = w.reshape(w.shape[0], w.shape[1] // 32, 32).amin(dim=-1)
+        return output + module._q8_sum_err @ module._q4_1_min.T
 
     def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         rep = query.shape[1] // key.shape[1]
@@ -142,7 +152,7 @@ def llama_cpp_numerics(model):
         return (p @ v).transpose(1, 2).contiguous(), None
 
     layers = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
-    hooks = [m.register_forward_pre_hook(q8_1) for m in layers]
+    hooks = [m.register_forward_pre_hook(q8_1) for m in layers] + [m.register_forward_hook(q8_1_sums) for m in layers]
     name = model.config._attn_implementation
     original = ALL_ATTENTION_FUNCTIONS[name]
     ALL_ATTENTION_FUNCTIONS[name] = attention
@@ -152,6 +162,8 @@ def llama_cpp_numerics(model):
         ALL_ATTENTION_FUNCTIONS[name] = original
         for h in hooks:
             h.remove()
+        for m in layers:
+            m._q8_sum_err = m._q4_1_min = None
 
 
 def kvpress_scores(model, token_ids: list[int], epsilons: tuple[float, ...], rope_mode: int,
