@@ -467,15 +467,15 @@ def run_samples(args) -> None:
     from transformers import pipeline
 
     samples = read_samples(Path(args.samples))
-    path = resolve_model(args.model)
-    tok, model = load_hf(path, args.threads)
-    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     known = {"kvpress:full", "kvpress:expected_attention", "kvpress:adakv_expected_attention",
              "llamakv:full", "llamakv:expected_attention", "llamakv:expected_attention_max"}
     bad = [m for m in methods if m not in known]
-    if bad:
+    if bad or not methods:
         raise SystemExit(f"unknown method(s) {bad}; choose from {sorted(known)}")
+    path = resolve_model(args.model)
+    tok, model = load_hf(path, args.threads)
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok)
     ratios = [r for r in args.ratios if r > 0]
 
     prepared = []
