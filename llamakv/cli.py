@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--epsilon", type=float, default=0.01, help="added to attention before the value norm")
     c.add_argument("--n-sink", type=int, default=4, help="first positions never evicted (default 4)")
     c.add_argument("--full-covariance", action="store_true", help="full query covariance (default diagonal)")
+    c.add_argument("--stats-window", type=int, default=None, metavar="N",
+                   help="query statistics from the last N tokens of the prompt only (default: all); on a GPU "
+                        "capturing every query costs much more prefill time")
     c.add_argument("--no-compact", action="store_true",
                    help="do not move kept cells together (n_kv, hence decode cost, stays as before)")
 
@@ -119,7 +122,8 @@ def _open_session(args, *, n_sink: int = 4, full_covariance: bool = False):
     return KVSession.from_model(model, n_ctx=args.ctx_size, n_gpu_layers=args.n_gpu_layers,
                                 n_threads=args.threads, flash_attn=args.flash_attn,
                                 n_batch=args.batch_size, seed=args.seed, verbose=args.verbose,
-                                n_sink=n_sink, full_covariance=full_covariance)
+                                n_sink=n_sink, full_covariance=full_covariance,
+                                stats_window=getattr(args, "stats_window", None))
 
 
 def _split_prompt(session, context: str | None, chat: bool) -> tuple[str | None, str]:

@@ -27,6 +27,9 @@ SHAPES = {
     "smollm2-135m": (30, 576, 9, 3, 1536, 64),
     "llama-3.2-1b": (16, 2048, 32, 8, 8192, 64),
     "llama-3.1-8b": (32, 4096, 32, 8, 14336, 128),
+    # Qwen3-8B's sizes (36 layers, 32/8 heads of 128, FFN 12288) written as a llama graph: for timing
+    # (llamakv does not take the qwen3 architecture, whose QK-norm moves the query it reads)
+    "qwen3-8b-like": (36, 4096, 32, 8, 12288, 128),
 }
 
 
