@@ -15,7 +15,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from . import _shim
-from .cache import SeqState
+from .cache import LayerTensor, SeqState
 from .errors import LlamaKVError
 from .rope import RopeParams
 from .stats import QueryStats
@@ -38,6 +38,21 @@ class ScoreInputs:
     n_sink: int
     window_q: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0, 0), np.float32))
     window_pos: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [W]
+
+    @classmethod
+    def from_arrays(cls, keys: np.ndarray, vnorm: np.ndarray, pos: np.ndarray, **kw) -> "ScoreInputs":
+        """Inputs from plain arrays (keys [n, n_layer, n_head_kv, head_dim] after RoPE, value norms
+        [n, n_layer, n_head_kv], positions) instead of a cache state: to score keys that come from
+        elsewhere, e.g. another implementation. Other fields as in the constructor."""
+        n, n_layer, n_head_kv, head_dim = keys.shape
+        header = np.zeros(12, dtype=np.uint8)
+        k = [LayerTensor(0, header, np.ascontiguousarray(keys[:, i], dtype=np.float32).reshape(n, -1).view(np.uint8),
+                         False) for i in range(n_layer)]
+        state = SeqState(np.zeros(0, np.uint8), np.asarray(pos, dtype=np.int32), np.zeros((n, 3), np.int32),
+                         False, k, [])
+        inputs = cls(state=state, n_head_kv=n_head_kv, head_dim=head_dim, **kw)
+        inputs.__dict__["vnorm"] = np.asarray(vnorm, dtype=np.float32)  # the cached property's value
+        return inputs
 
     @property
     def pos(self) -> np.ndarray:

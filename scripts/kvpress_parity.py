@@ -246,8 +246,8 @@ def run_parity(args) -> dict:
     if not np.array_equal(ours.pos[order], np.arange(n)):
         raise SystemExit(f"expected one captured cell per position 0..{n - 1}, got {len(ours.pos)} cells")
     if not np.array_equal(order, np.arange(n)):
-        ours = ScoreInputs(keys=ours.keys[order], vnorm=ours.vnorm[order], pos=ours.pos[order], stats=ours.stats,
-                           rope=ours.rope, next_pos=ours.next_pos, n_head=ours.n_head, n_sink=ours.n_sink)
+        ours = ScoreInputs.from_arrays(ours.keys[order], ours.vnorm[order], ours.pos[order], stats=ours.stats,
+                                       rope=ours.rope, next_pos=ours.next_pos, n_head=ours.n_head, n_sink=ours.n_sink)
     L, hk, d, h = ours.n_layer, ours.n_head_kv, ours.head_dim, ours.n_head
 
     tok, model = load_hf(path, args.threads)
@@ -268,17 +268,19 @@ def run_parity(args) -> dict:
     emu = kvpress_scores(model, tokens, (0.0,), rope0.mode, emulate=True) if args.emulate else None
 
     def as_inputs(t: dict) -> ScoreInputs:
-        return ScoreInputs(keys=t["keys"], vnorm=t["vnorm"], pos=np.arange(n), rope=ours.rope,
-                           stats=ArrayStats(t["q_mean"], t["q_var"], t["q_cov"]), next_pos=n, n_head=h,
-                           n_sink=N_SINK)
+        return ScoreInputs.from_arrays(t["keys"], t["vnorm"], np.arange(n), rope=ours.rope,
+                                       stats=ArrayStats(t["q_mean"], t["q_var"], t["q_cov"]), next_pos=n, n_head=h,
+                                       n_sink=N_SINK)
 
     hf_inputs = as_inputs(theirs)
+    ours_keys = ours.keys  # read once from the cache state
 
     def mix(keys=None, vnorm=None, stats=None) -> ScoreInputs:
         """kvpress's inputs with some pieces replaced by llamakv's."""
-        return ScoreInputs(keys=ours.keys if keys else hf_inputs.keys, vnorm=ours.vnorm if vnorm else hf_inputs.vnorm,
-                           stats=ours.stats if stats else hf_inputs.stats, pos=hf_inputs.pos, rope=ours.rope,
-                           next_pos=n, n_head=h, n_sink=N_SINK)
+        return ScoreInputs.from_arrays(ours_keys if keys else hf_inputs.keys,
+                                       ours.vnorm if vnorm else hf_inputs.vnorm,
+                                       hf_inputs.pos, stats=ours.stats if stats else hf_inputs.stats, rope=ours.rope,
+                                       next_pos=n, n_head=h, n_sink=N_SINK)
 
     def ea(inputs, **kw):
         return ExpectedAttention(**kw).score(inputs)[:, :, N_SINK:].astype(np.float64)
