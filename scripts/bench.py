@@ -86,6 +86,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("-ngl", "--n-gpu-layers", type=int, default=0)
     ap.add_argument("-fa", "--flash-attn", action="store_true")
+    ap.add_argument("--stream", type=int, nargs=2, metavar=("TOKENS", "BUDGET"), default=None,
+                    help="also stream a prompt of TOKENS tokens through a cache of BUDGET cells (e.g. 65536 16384)")
     ap.add_argument("--stats-window", type=int, default=1024,
                     help="last tokens whose queries feed the statistics, in the last prefill column")
     args = ap.parse_args(argv)
@@ -174,6 +176,21 @@ def main(argv=None) -> int:
     for n, best, rep, cs, d0, d1, d2, d3, d1c, _ in rows:
         print(f"| {n} | {d0:.1f} | {d1:.1f} | {d1c:.1f} | {d2:.1f} | {d3:.1f} ({rep.cells_after} cells) | "
               f"{100 * d1 / d3:.1f}% |")
+    if args.stream:
+        n, budget = args.stream
+        tokens = (doc_tokens * (n // len(doc_tokens) + 1))[:n]
+        log(f"[{n} tokens through {budget} cells]")
+        s.reset()
+        s.stats_window = None
+        t0 = time.perf_counter()
+        s.prefill(tokens, budget=budget, progress=lambda done, total: None)
+        dt = time.perf_counter() - t0
+        comp = sum(r.compression_s for r in s.reports)
+        dec = decode_speed(s, args.decode_tokens, doc_tokens[5])
+        print(f"\n## Streaming {n} tokens through {budget} cells\n")
+        print(f"Prefill {dt:.2f} s ({n / dt:.1f} tok/s), {len(s.reports)} compressions to {budget // 2} cells taking "
+              f"{comp:.2f} s in all ({100 * comp / dt:.1f}% of the prefill); {s.n_cells} cells at the end; "
+              f"decode {dec:.1f} tok/s.")
     if args.n_gpu_layers:
         print("\n## GPU memory in use after each length (nvidia-smi)\n")
         for n, *_, mem in rows:
