@@ -168,8 +168,8 @@ def cmd_compress(args) -> int:
         raise LlamaKVError("the prompt is empty")
 
     session = _open_session(args, n_sink=args.n_sink, full_covariance=args.full_covariance)
-    press = make_press(args.method, n_future_positions=args.n_future, epsilon=args.epsilon,
-                       full_covariance=args.full_covariance)
+    method_kw = dict(n_future_positions=args.n_future, epsilon=args.epsilon, full_covariance=args.full_covariance)
+    press = make_press(args.method, **(method_kw if args.method == "expected_attention" else {}))
     before, template = _split_prompt(session, context, not args.no_chat)
     tokens = session.tokenize(before)
     budget = args.budget

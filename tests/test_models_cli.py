@@ -71,6 +71,24 @@ def test_cli_compress_json_and_save_then_ask(tmp_path):
     assert json.loads(r.stdout)["loaded_cells"] == rep["cells_after"]
 
 
+@pytest.mark.parametrize("method", ["snapkv", "streaming_llm"])
+def test_cli_baseline_methods(method):
+    r = run_cli("compress", "-p", "Filler sentence here. " * 40, "--ratio", "0.5", "-c", "1024",
+                "--method", method, "--no-chat", "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)["report"]
+    assert rep["method"] == method and rep["cells_after"] < rep["cells_before"]
+
+
+def test_cli_long_prompt_streams_through_the_cache():
+    r = run_cli("compress", "-p", "Filler sentence here. " * 160, "--ratio", "0.5", "-c", "512", "-b", "128",
+                "--no-chat", "--json", "-q", "Anything?", "-n", "8")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["prompt_tokens"] > 512 and out["prefill_compressions"]
+    assert out["report"]["cells_before"] <= 512
+
+
 def test_cli_default_document_runs():
     r = run_cli("compress", "--ratio", "0.5", "-n", "16")
     assert r.returncode == 0, r.stderr
