@@ -120,7 +120,8 @@ def run_eval(session, samples: Sequence[Sample], *, methods: Sequence[str] = ("e
         if not 0.0 <= r < 1.0:
             raise ValueError(f"ratios must be in [0, 1), got {r}")
     methods = [m for m in methods if m != "full"]
-    presses = {m: make_press(m, **(press_kwargs or {})) for m in methods}  # unknown names fail here
+    # press_kwargs are Expected Attention's settings; unknown names fail here
+    presses = {m: make_press(m, **((press_kwargs or {}) if m == "expected_attention" else {})) for m in methods}
     configs = [(m, r, a, mode) for m in methods for r in sorted(set(ratios)) if r > 0
                for a in aggregations for mode in modes]
     log = log or (lambda s: None)
@@ -334,6 +335,8 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("-fa", "--flash-attn", action="store_true", help="use flash attention")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="tokens per decode call (default 512)")
     p.add_argument("--n-sink", type=int, default=4, help="first positions never evicted (default 4)")
+    p.add_argument("--epsilon", type=float, default=None,
+                   help="Expected Attention's epsilon (default: the press's, 0.01)")
     p.add_argument("--no-chat", action="store_true", help="plain text instead of the model's chat template")
     p.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's own logs")
     p.set_defaults(func=cmd_eval)
@@ -380,7 +383,7 @@ def cmd_eval(args) -> int:
     label = Path(str(model)).stem if model else "smollm2-135m-instruct"
     rows = run_eval(session, samples, methods=methods, ratios=ratios, aggregations=aggs, modes=modes,
                     kl_tokens=args.kl_tokens, chat=chat, model=label, max_new_tokens=args.max_new_tokens,
-                    log=_log)
+                    log=_log, press_kwargs={} if args.epsilon is None else {"epsilon": args.epsilon})
     name = args.name or f"eval-{label}-{args.length}"
     title = f"{label}, {args.length} tokens, {len(samples)} samples"
     paths = write_results(rows, args.out, name, title)
