@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--aggregation", default="mean", choices=AGGREGATIONS,
                    help="how per-head scores become one score per cell (default mean)")
     c.add_argument("--n-future", type=int, default=512, help="future positions RoPE is averaged over")
-    c.add_argument("--epsilon", type=float, default=0.01, help="added to attention before the value norm")
+    c.add_argument("--epsilon", type=float, default=0.0,
+                   help="added to attention before the value norm (default 0, chosen by benchmarks/quality)")
     c.add_argument("--n-sink", type=int, default=4, help="first positions never evicted (default 4)")
     c.add_argument("--full-covariance", action="store_true", help="full query covariance (default diagonal)")
     c.add_argument("--stats-window", type=int, default=None, metavar="N",

@@ -144,7 +144,7 @@ class ExpectedAttention:
     n_future_positions: int = 512
     use_covariance: bool = True
     use_vnorm: bool = True
-    epsilon: float = 0.01
+    epsilon: float = 0.0
     full_covariance: bool = False
     name: str = "expected_attention"
 

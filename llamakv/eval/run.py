@@ -336,7 +336,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("-b", "--batch-size", type=int, default=512, help="tokens per decode call (default 512)")
     p.add_argument("--n-sink", type=int, default=4, help="first positions never evicted (default 4)")
     p.add_argument("--epsilon", type=float, default=None,
-                   help="Expected Attention's epsilon (default: the press's, 0.01)")
+                   help="Expected Attention's epsilon (default: the press's, 0)")
     p.add_argument("--no-chat", action="store_true", help="plain text instead of the model's chat template")
     p.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's own logs")
     p.set_defaults(func=cmd_eval)
