@@ -149,6 +149,12 @@ def load(verbose: bool = False) -> Shim:
         return _LOADED
 
 
+def ptr(ctype: str, array: np.ndarray):
+    """A cffi pointer of type `ctype` to a C-contiguous numpy array's data."""
+    assert array.flags.c_contiguous
+    return load().ffi.cast(ctype, array.ctypes.data)
+
+
 _POOL = None
 
 

@@ -30,12 +30,6 @@ def _u8p(a: np.ndarray):
     return a.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
 
 
-def _cptr(ctype: str, a: np.ndarray):
-    shim = _shim.load()
-    assert a.flags.c_contiguous
-    return shim.ffi.cast(ctype, a.ctypes.data)
-
-
 @dataclass
 class LayerTensor:
     """One layer's K or V in a sequence state: `data` is [n_cells, row_bytes] (one row per
@@ -126,7 +120,7 @@ class SeqState:
         out[off:off + 8] = self.buf[16 + 12 * n:16 + 12 * n + 8]
         off += 8
         lib = _shim.load().lib
-        idx = _cptr("int64_t *", rows)
+        idx = _shim.ptr("int64_t *", rows)
         jobs = []
         for lt in (*self.k, *self.v):
             out[off:off + 12] = lt.header
@@ -139,10 +133,10 @@ class SeqState:
         def gather(job) -> None:
             lt, dst = job
             if lt.transposed:
-                lib.llamakv_gather_cols(_cptr("uint8_t *", lt.data), _cptr("uint8_t *", dst),
+                lib.llamakv_gather_cols(_shim.ptr("uint8_t *", lt.data), _shim.ptr("uint8_t *", dst),
                                         lt.data.shape[0], n, lt.elem, idx, m)
             else:
-                lib.llamakv_gather_rows(_cptr("uint8_t *", lt.data), _cptr("uint8_t *", dst),
+                lib.llamakv_gather_rows(_shim.ptr("uint8_t *", lt.data), _shim.ptr("uint8_t *", dst),
                                         lt.row_bytes, idx, m)
 
         _shim.parallel_map(gather, jobs)

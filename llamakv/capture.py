@@ -46,26 +46,22 @@ class Capture:
         c.n_sink = n_sink
         c.enabled = 1
         c.stats_enabled = 1
-        c.q_count = self._ptr("double *", self.stats.count)
-        c.q_mean = self._ptr("double *", self.stats.mean)
-        c.q_m2 = self._ptr("double *", self.stats.m2)
-        c.q_cov = self._ptr("double *", self.stats.cov) if self.stats.cov is not None else ffi.NULL
-        c.window = self._ptr("float *", self.window)
+        c.q_count = _shim.ptr("double *", self.stats.count)
+        c.q_mean = _shim.ptr("double *", self.stats.mean)
+        c.q_m2 = _shim.ptr("double *", self.stats.m2)
+        c.q_cov = _shim.ptr("double *", self.stats.cov) if self.stats.cov is not None else ffi.NULL
+        c.window = _shim.ptr("float *", self.window)
         c.window_cap = self.window_cap
-        c.rope_params = self._ptr("int32_t *", self.rope_params)
-        c.rope_factors = self._ptr("float *", self.rope_factors)
-        c.rope_has_factors = self._ptr("int32_t *", self.rope_has_factors)
-        c.rope_seen = self._ptr("int32_t *", self.rope_seen)
-        c.n_kv = self._ptr("int32_t *", self.n_kv)
-        c.q_stage = self._ptr("float *", self._q_stage)
-        c.scratch = self._ptr("float *", self._scratch)
-        c.q_work = self._ptr("double *", self._q_work)
+        c.rope_params = _shim.ptr("int32_t *", self.rope_params)
+        c.rope_factors = _shim.ptr("float *", self.rope_factors)
+        c.rope_has_factors = _shim.ptr("int32_t *", self.rope_has_factors)
+        c.rope_seen = _shim.ptr("int32_t *", self.rope_seen)
+        c.n_kv = _shim.ptr("int32_t *", self.n_kv)
+        c.q_stage = _shim.ptr("float *", self._q_stage)
+        c.scratch = _shim.ptr("float *", self._scratch)
+        c.q_work = _shim.ptr("double *", self._q_work)
         c.last_k_layer = -1
         self._c = c
-
-    def _ptr(self, ctype: str, array: np.ndarray):
-        assert array.flags.c_contiguous
-        return self.shim.ffi.cast(ctype, array.ctypes.data)
 
     # -- wiring into llama.cpp -------------------------------------------------------------
     @property
@@ -197,7 +193,7 @@ class Capture:
     def set_probe(self, name: str, op: int, max_floats: int) -> None:
         """Copy the F32 tensor named `name` with ggml op number `op` at each decode."""
         self._probe = np.zeros(max_floats, dtype=np.float32)
-        self._c.probe_buf = self._ptr("float *", self._probe)
+        self._c.probe_buf = _shim.ptr("float *", self._probe)
         self._c.probe_cap = max_floats
         self._c.probe_op = op
         self._c.probe_name = name.encode()

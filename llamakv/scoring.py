@@ -21,11 +21,6 @@ from .rope import RopeParams
 from .stats import QueryStats
 
 
-def _cptr(ctype: str, a: np.ndarray):
-    assert a.flags.c_contiguous
-    return _shim.load().ffi.cast(ctype, a.ctypes.data)
-
-
 @dataclass
 class ScoreInputs:
     state: SeqState          # the sequence's cells as llama.cpp holds them
@@ -73,7 +68,7 @@ class ScoreInputs:
         out = np.empty((self.n_cells, per_row), dtype=np.float32)
         if self.n_cells:
             err = _shim.load().lib.llamakv_rows_to_float(
-                _cptr("uint8_t *", lt.data), lt.type, lt.row_bytes, self.n_cells, per_row, _cptr("float *", out))
+                _shim.ptr("uint8_t *", lt.data), lt.type, lt.row_bytes, self.n_cells, per_row, _shim.ptr("float *", out))
             if err:
                 raise LlamaKVError(f"cannot read keys of ggml type {lt.type}")
         return out.reshape(self.n_cells, self.n_head_kv, self.head_dim)
@@ -91,9 +86,9 @@ class ScoreInputs:
 
         def layer_norms(layer: int) -> int:
             lt = self.state.v[layer]
-            return lib.llamakv_value_norms(_cptr("uint8_t *", lt.data), lt.type, lt.row_bytes, self.n_cells,
+            return lib.llamakv_value_norms(_shim.ptr("uint8_t *", lt.data), lt.type, lt.row_bytes, self.n_cells,
                                            self.n_head_kv, self.head_dim, int(lt.transposed),
-                                           _cptr("float *", out[layer]))
+                                           _shim.ptr("float *", out[layer]))
 
         if self.n_cells and any(_shim.parallel_map(layer_norms, range(self.n_layer))):
             raise LlamaKVError(f"cannot read values of ggml type {self.state.v[0].type}")
@@ -184,8 +179,8 @@ class ExpectedAttention:
         lt = inputs.state.k[layer]
         if n:
             err = _shim.load().lib.llamakv_ea_logits(
-                _cptr("uint8_t *", lt.data), lt.type, lt.row_bytes, n, inputs.n_head, inputs.n_head_kv,
-                inputs.head_dim, _cptr("float *", m), _cptr("int32_t *", perm), n_pairs, _cptr("float *", z))
+                _shim.ptr("uint8_t *", lt.data), lt.type, lt.row_bytes, n, inputs.n_head, inputs.n_head_kv,
+                inputs.head_dim, _shim.ptr("float *", m), _shim.ptr("int32_t *", perm), n_pairs, _shim.ptr("float *", z))
             if err:
                 raise LlamaKVError(f"cannot score keys of ggml type {lt.type}")
         if self.use_covariance and self.full_covariance:

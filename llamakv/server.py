@@ -426,22 +426,17 @@ class Engine:
         s = self.session
         if n_logical < kv.min_tokens or (kv.ratio <= 0 and not kv.budget):
             return None
-        target = s.n_cells - math.ceil((1.0 - kv.ratio) * n_logical)
+        target = s.n_cells - math.ceil((1.0 - kv.ratio) * n_logical)  # cells to evict
         if kv.budget:
             target = max(target, s.n_cells - kv.budget)
-        pos = s.positions
-        candidates = int(np.count_nonzero((pos >= s.n_sink) & (pos < s.next_pos - max(protect, 1))))
-        n_evict = min(target, candidates)
-        if n_evict <= 0:
-            return None
         press = self.presses.get(kv.method)
         if press is None:
             press = self.presses[kv.method] = make_press(kv.method)
-        kw = {"protect_recent": protect} if protect > 1 else {}
-        ratio = min((n_evict + 0.5) / candidates, (candidates - 0.5) / candidates)
         t0 = time.perf_counter()
-        report = s.compress(ratio, press=press, aggregation=kv.aggregation, **kw)
+        report = s.compress_to(s.n_cells - target, press=press, aggregation=kv.aggregation, protect_recent=protect)
         took = time.perf_counter() - t0  # scoring, eviction, compaction (capture ran during prefill)
+        if report is None:
+            return None
         m = self.metrics
         m.add("llamakv:compressions_total", 1)
         m.add("llamakv:kv_cells_evicted_total", report.evicted)

@@ -100,17 +100,13 @@ class _CallbackSwitch:
 
     def __init__(self, ctx, capture: Capture):
         self.shim = capture.shim
-        self.ctx = ctx
+        address = lambda obj: self.shim.ffi.cast("void *", ctypes.cast(obj, ctypes.c_void_p).value)  # noqa: E731
+        self.ctx = address(ctx)
         self.cb = self.shim.ffi.cast("void *", capture.callback_address)
         self.ud = self.shim.ffi.cast("void *", capture.user_data_address)
-        ctx_ptr = self.shim.ffi.cast("void *", ctypes.cast(ctx, ctypes.c_void_p).value)
-        self.ctx_ptr = ctx_ptr
-        self.slot = -1
-        self.get_sched = None
         sym = getattr(llama_cpp.llama_cpp._lib, "_ZNK13llama_context9get_schedEv", None)
-        if sym is not None:
-            self.slot = int(self.shim.lib.llamakv_find_callback_slot(ctx_ptr, self.cb, self.ud))
-            self.get_sched = self.shim.ffi.cast("void *", ctypes.cast(sym, ctypes.c_void_p).value)
+        self.get_sched = address(sym) if sym is not None else None
+        self.slot = int(self.shim.lib.llamakv_find_callback_slot(self.ctx, self.cb, self.ud)) if sym else -1
         self.switchable = self.slot >= 0 and self.get_sched is not None
         self.on = True
 
@@ -118,7 +114,7 @@ class _CallbackSwitch:
         if on == self.on or not self.switchable:
             return
         null = self.shim.ffi.NULL
-        self.shim.lib.llamakv_switch_callback(self.ctx_ptr, self.slot, self.get_sched,
+        self.shim.lib.llamakv_switch_callback(self.ctx, self.slot, self.get_sched,
                                              self.cb if on else null, self.ud if on else null)
         self.on = on
 
@@ -175,7 +171,7 @@ class KVSession:
         self._batch = llama_cpp.llama_batch_init(self.n_ubatch, 0, 1)
         self.next_pos = 0       # position of the next token
         self.n_cells = 0        # cells this sequence holds
-        self._positions = np.zeros(0, dtype=np.int64)  # their positions, sorted
+        self._pos_buf = np.zeros(self.n_ctx, dtype=np.int64)  # [:n_cells]: their positions, sorted
         self._has_logits = False
         self._capture_mark = 0.0  # capture time already reported
         self.last_report: CompressionReport | None = None
@@ -303,7 +299,7 @@ class KVSession:
                 if rc == 1:
                     raise CacheFullError("llama.cpp found no free KV slot for the batch")
                 raise LlamaKVError(f"llama_decode failed with code {rc}")
-            self._positions = np.concatenate([self._positions, np.arange(self.next_pos, self.next_pos + m)])
+            self._pos_buf[self.n_cells:self.n_cells + m] = np.arange(self.next_pos, self.next_pos + m)
             self.next_pos += m
             self.n_cells += m
             self._has_logits = True
@@ -351,11 +347,12 @@ class KVSession:
         return budget, target
 
     def compress_to(self, n_cells: int, *, press: Press | None = None, aggregation: str | None = None,
-                    compact: bool = True) -> CompressionReport | None:
-        """Compress down to `n_cells` cells (None if the cache already holds no more), keeping the
-        sinks and the newest `recent` positions."""
-        protect = max(1, self.recent)
-        pos = self._positions
+                    compact: bool = True, protect_recent: int | None = None) -> CompressionReport | None:
+        """Compress down to `n_cells` cells, or as close as the protected cells allow (None if
+        nothing is to go), keeping the sinks and the newest `protect_recent` positions (default
+        `recent`)."""
+        protect = max(1, self.recent if protect_recent is None else protect_recent)
+        pos = self._pos_buf[:self.n_cells]
         candidates = int(np.count_nonzero((pos >= self.n_sink) & (pos < self.next_pos - protect)))
         n_evict = min(self.n_cells - int(n_cells), candidates)
         if n_evict <= 0:
@@ -366,7 +363,7 @@ class KVSession:
     @property
     def positions(self) -> np.ndarray:
         """Positions of the cells this sequence holds, sorted (a copy)."""
-        return self._positions.copy()
+        return self._pos_buf[:self.n_cells].copy()
 
     def truncate(self, n_pos: int) -> None:
         """Forget positions >= n_pos (rewind a conversation to a common prefix): their cells are
@@ -376,8 +373,7 @@ class KVSession:
         if n_pos == self.next_pos:
             return
         llama_cpp.llama_memory_seq_rm(self.cache.memory, self.cache.seq_id, n_pos, -1)
-        self._positions = self._positions[self._positions < n_pos]
-        self.n_cells = len(self._positions)
+        self.n_cells = int(np.searchsorted(self._pos_buf[:self.n_cells], n_pos))
         self.next_pos = n_pos
         self._has_logits = False
 
@@ -438,7 +434,7 @@ class KVSession:
             t3 = time.perf_counter()
         t4 = time.perf_counter()
         self.n_cells -= len(evict_rows)
-        self._positions = np.sort(np.delete(pos, evict_rows)).astype(np.int64)
+        self._pos_buf[:self.n_cells] = np.sort(np.delete(pos, evict_rows))
 
         self.last_report = CompressionReport(
             method=press.name, aggregation=aggregation, ratio=float(ratio),
@@ -542,7 +538,7 @@ class KVSession:
         then try several compressions."""
         captured = {k: v.copy() for k, v in self.capture.state_arrays().items()}
         return Snapshot(llama_state=self.cache.get_state(), captured=captured,
-                        next_pos=self.next_pos, n_cells=self.n_cells, positions=self._positions.copy())
+                        next_pos=self.next_pos, n_cells=self.n_cells, positions=self.positions)
 
     def restore(self, snap: "Snapshot") -> None:
         """Put a snapshot back; if llama.cpp refuses it, the current cache is kept."""
@@ -551,7 +547,7 @@ class KVSession:
         backup = self.cache.get_state() if self.n_cells else None
         self.cache.set_state(snap.llama_state, fallback=backup)
         self.capture.load_state_arrays(snap.captured)
-        self._positions = np.asarray(snap.positions, dtype=np.int64).copy()
+        self._pos_buf[:len(snap.positions)] = snap.positions
         self.next_pos = snap.next_pos
         self.n_cells = snap.n_cells
         self._has_logits = False
@@ -611,6 +607,5 @@ class KVSession:
         self._capture_mark = 0.0
         self.next_pos = 0
         self.n_cells = 0
-        self._positions = np.zeros(0, dtype=np.int64)
         self.reports = []
         self._has_logits = False

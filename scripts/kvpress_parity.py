@@ -45,6 +45,7 @@ import llamakv  # noqa: F401  isort: skip
 import numpy as np
 
 from llamakv import KVSession
+from llamakv.eval.tasks import load_samples, string_match_all, string_match_part
 from llamakv.models import resolve_model
 from llamakv.rope import ROPE_NORM
 from llamakv.scoring import ExpectedAttention, ScoreInputs, aggregate
@@ -287,7 +288,7 @@ def run_parity(args) -> dict:
 
     kv0, kv1 = theirs["scores_eps0"], theirs["scores_eps0.01"]
     t0 = time.perf_counter()
-    ours_default = ea(ours)  # diagonal covariance, epsilon 0.01 (llamakv's defaults)
+    ours_default = ea(ours, epsilon=0.01)  # diagonal covariance, epsilon 0.01: llamakv's defaults when measured
     ours_diag0 = ea(ours, epsilon=0.0)
     ours_full0 = ea(ours, epsilon=0.0, full_covariance=True)
     ours_full1 = ea(ours, epsilon=0.01, full_covariance=True)
@@ -428,37 +429,6 @@ def to_json(res: dict) -> dict:
 
 
 # -- benchmark samples ----------------------------------------------------------------------------
-REQUIRED = ("task", "index", "context", "question", "answer_prefix", "outputs")
-
-
-def read_samples(path: Path) -> list[dict]:
-    samples = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            s = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"{path}:{i}: not JSON ({e})") from None
-        missing = [k for k in REQUIRED if k not in s]
-        if missing or not isinstance(s.get("outputs"), list):
-            raise SystemExit(f"{path}:{i}: missing {', '.join(missing) or 'outputs as a list'}")
-        samples.append(s)
-    if not samples:
-        raise SystemExit(f"{path}: no samples")
-    return samples
-
-
-def string_match_all(pred: str, refs: list[str]) -> float:
-    """RULER: the fraction of the references found in the prediction (case-insensitive)."""
-    return sum(r.lower() in pred.lower() for r in refs) / len(refs)
-
-
-def string_match_part(pred: str, refs: list[str]) -> float:
-    """RULER: 1 if any reference is found in the prediction."""
-    return float(any(r.lower() in pred.lower() for r in refs))
-
-
 def task_metric(task: str) -> str:
     return "part" if "qa" in task else "all"  # RULER scores its QA tasks with string_match_part
 
@@ -468,7 +438,7 @@ def run_samples(args) -> None:
     from kvpress import AdaKVPress, ExpectedAttentionPress
     from transformers import pipeline
 
-    samples = read_samples(Path(args.samples))
+    samples = load_samples(args.samples)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     known = {"kvpress:full", "kvpress:expected_attention", "kvpress:adakv_expected_attention",
              "llamakv:full", "llamakv:expected_attention", "llamakv:expected_attention_max"}
@@ -482,7 +452,7 @@ def run_samples(args) -> None:
 
     prepared = []
     for smp in samples:
-        ids = pipe.preprocess(smp["context"], [smp["question"]], smp["answer_prefix"], max_context_length=10**9)
+        ids = pipe.preprocess(smp.context, [smp.question], smp.answer_prefix, max_context_length=10**9)
         prepared.append((ids["context_ids"][0].tolist(), ids["questions_ids"][0][0].tolist()))
     session = None
     if any(m.startswith("llamakv") for m in methods):
@@ -498,11 +468,11 @@ def run_samples(args) -> None:
         writer.writeheader()
 
         def record(engine, method, ratio, eps, smp, ctx, kept, answer, prefill_s, secs):
-            refs = smp["outputs"]
-            sm_all, sm_part = string_match_all(answer, refs), string_match_part(answer, refs)
-            metric = task_metric(smp["task"])
-            row = {"engine": engine, "method": method, "ratio": ratio, "epsilon": eps, "task": smp["task"],
-                   "index": smp["index"], "context_tokens": len(ctx), "kv_kept": kept, "metric": metric,
+            refs = smp.outputs
+            sm_all, sm_part = string_match_all(answer, refs) / 100, string_match_part(answer, refs) / 100
+            metric = task_metric(smp.task)
+            row = {"engine": engine, "method": method, "ratio": ratio, "epsilon": eps, "task": smp.task,
+                   "index": smp.index, "context_tokens": len(ctx), "kv_kept": kept, "metric": metric,
                    "string_match_all": sm_all, "string_match_part": sm_part,
                    "score": 100 * (sm_part if metric == "part" else sm_all), "prefill_s": prefill_s,
                    "seconds": round(secs, 2), "answer": answer.strip()}
@@ -512,8 +482,8 @@ def run_samples(args) -> None:
             log(f"  {engine:8s} {method:28s} r={ratio:<5g} {row['score']:5.0f}  {answer.strip()[:60]!r}")
 
         for i, (smp, (ctx, q)) in enumerate(zip(samples, prepared), 1):
-            log(f"[{i}/{len(samples)}] {smp['task']} #{smp['index']}: {len(ctx)} context tokens, "
-                f"refs {smp['outputs']}")
+            log(f"[{i}/{len(samples)}] {smp.task} #{smp.index}: {len(ctx)} context tokens, "
+                f"refs {smp.outputs}")
             for method in methods:
                 engine, name = method.split(":")
                 if engine != "kvpress":
@@ -526,7 +496,7 @@ def run_samples(args) -> None:
                         press = AdaKVPress(ExpectedAttentionPress(compression_ratio=ratio, epsilon=args.epsilon))
                     t0 = time.perf_counter()
                     with torch.inference_mode():
-                        ans = pipe(smp["context"], question=smp["question"], answer_prefix=smp["answer_prefix"],
+                        ans = pipe(smp.context, question=smp.question, answer_prefix=smp.answer_prefix,
                                    press=press, max_new_tokens=args.max_new_tokens)["answer"]
                     kept = len(ctx) if press is None else len(ctx) - int(len(ctx) * ratio)  # per KV head
                     record(engine, name, ratio, None if press is None else args.epsilon, smp, ctx, kept, ans,

@@ -475,7 +475,7 @@ def load_samples(path: str | Path) -> list[Sample]:
             new = d.get("max_new_tokens") or (TASKS[task].max_new_tokens if task in TASKS else 64)
             out.append(Sample(task=task, index=int(d["index"]), context=d["context"], question=d["question"],
                               answer_prefix=d["answer_prefix"], outputs=[str(o) for o in d["outputs"]],
-                              n_tokens=int(d.get("n_tokens", 0)), max_new_tokens=int(new),
+                              n_tokens=int(d.get("n_tokens") or 0), max_new_tokens=int(new),
                               extra=d.get("extra", {})))
     if not out:
         raise TaskError(f"{path}: no samples")
