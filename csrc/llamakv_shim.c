@@ -14,13 +14,15 @@
  * compaction. They are serial and called per layer from Python threads (cffi releases the GIL);
  * OpenMP spun badly on a loaded machine.
  */
-#define _POSIX_C_SOURCE 199309L
+#define _POSIX_C_SOURCE 200809L
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
 #include <time.h>
+#include <unistd.h>
 
 #if defined(__F16C__)
 #include <immintrin.h>
@@ -145,6 +147,61 @@ static int read_rows_f32(llamakv_capture * c, const struct ggml_tensor * t, int6
     return ERR_NONE;
 }
 
+/* Sums and sums of squares over rows [skip, n_tok) of q [n_tok][hd], for dimensions [j_begin, j_end),
+ * in double. A block of dimensions stays in registers / L1 across the rows. */
+typedef struct {
+    const float * q;
+    int64_t hd, skip, n_tok, j_begin, j_end;
+    double * sum, * sq;
+} sums_job;
+
+static void * column_sums(void * arg) {
+    const sums_job * job = (const sums_job *) arg;
+    enum { BLOCK = 64 };
+    for (int64_t j0 = job->j_begin; j0 < job->j_end; j0 += BLOCK) {
+        const int64_t nb = job->j_end - j0 < BLOCK ? job->j_end - j0 : BLOCK;
+        double s1[BLOCK] = {0}, s2[BLOCK] = {0};
+        for (int64_t t = job->skip; t < job->n_tok; ++t) {
+            const float * x = job->q + t * job->hd + j0;
+            for (int64_t j = 0; j < nb; ++j) {
+                const double v = x[j];
+                s1[j] += v;
+                s2[j] += v * v;
+            }
+        }
+        memcpy(job->sum + j0, s1, nb * sizeof(double));
+        memcpy(job->sq + j0, s2, nb * sizeof(double));
+    }
+    return NULL;
+}
+
+/* Column sums of a whole ubatch take milliseconds per layer, during which a GPU waits for the
+ * callback: large ones are split over threads (columns are independent). */
+static void column_sums_parallel(const float * q, int64_t hd, int64_t skip, int64_t n_tok, double * sum, double * sq) {
+    enum { MAX_THREADS = 8, MIN_WORK = 1 << 17 };
+    static int64_t n_cpu = 0;
+    if (n_cpu == 0) n_cpu = sysconf(_SC_NPROCESSORS_ONLN) > 0 ? sysconf(_SC_NPROCESSORS_ONLN) : 1;
+    int64_t n_threads = (n_tok - skip) * hd / MIN_WORK;
+    n_threads = n_threads < n_cpu ? n_threads : n_cpu;
+    n_threads = n_threads < MAX_THREADS ? n_threads : MAX_THREADS;
+    n_threads = n_threads < hd / 64 ? n_threads : hd / 64;
+    if (n_threads < 1) n_threads = 1;
+    sums_job jobs[MAX_THREADS];
+    pthread_t tid[MAX_THREADS];
+    bool started[MAX_THREADS] = {false};
+    const int64_t per = (hd / 64 + n_threads - 1) / n_threads * 64;  /* whole blocks per thread */
+    for (int64_t i = 0; i < n_threads; ++i) {
+        const int64_t b = i * per, e = b + per < hd ? b + per : hd;
+        jobs[i] = (sums_job) {q, hd, skip, n_tok, b < hd ? b : hd, e, sum, sq};
+        if (i > 0) started[i] = pthread_create(&tid[i], NULL, column_sums, &jobs[i]) == 0;
+    }
+    column_sums(&jobs[0]);
+    for (int64_t i = 1; i < n_threads; ++i) {
+        if (started[i]) pthread_join(tid[i], NULL);
+        else column_sums(&jobs[i]);  /* no thread: do its share here */
+    }
+}
+
 /* Merge queries q [n_tok][H][d] at positions pos0.. (those >= n_sink) into layer il's statistics:
  * Chan's parallel form of Welford's update. With n_a rows so far and a batch of n_b rows of mean
  * m_b and M2_b (sum of squared deviations): delta = m_b - mean, mean += delta n_b / n,
@@ -156,21 +213,7 @@ static void merge_queries(llamakv_capture * c, int il, const float * q, int64_t 
     const int64_t n_b = n_tok - skip;
     if (n_b <= 0) return;
     double * sum = c->q_work, * sq = c->q_work + hd;
-    enum { BLOCK = 64 };  /* a block of dimensions stays in registers / L1 across the rows */
-    for (int64_t j0 = 0; j0 < hd; j0 += BLOCK) {
-        const int64_t nb = hd - j0 < BLOCK ? hd - j0 : BLOCK;
-        double s1[BLOCK] = {0}, s2[BLOCK] = {0};
-        for (int64_t t = skip; t < n_tok; ++t) {
-            const float * x = q + t * hd + j0;
-            for (int64_t j = 0; j < nb; ++j) {
-                const double v = x[j];
-                s1[j] += v;
-                s2[j] += v * v;
-            }
-        }
-        memcpy(sum + j0, s1, nb * sizeof(double));
-        memcpy(sq + j0, s2, nb * sizeof(double));
-    }
+    column_sums_parallel(q, hd, skip, n_tok, sum, sq);
     double * count = c->q_count + il;
     const double n_a = *count, n = n_a + (double) n_b, w = n_a * (double) n_b / n;
     double * mean = c->q_mean + il * hd, * m2 = c->q_m2 + il * hd, * delta = c->q_work + 2 * hd;
@@ -310,19 +353,36 @@ int32_t llamakv_rows_to_float(const uint8_t * rows, int32_t type, int64_t row_by
 /* 8-wide vectors (GCC/Clang vector extension: AVX, SSE or NEON, whatever -march gives) */
 typedef float v8f __attribute__((vector_size(32)));
 
-static inline float dot(const float * a, const float * b, int32_t n) {
-    v8f acc = {0};
-    int32_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-        v8f x, y;
-        memcpy(&x, a + j, sizeof x);
-        memcpy(&y, b + j, sizeof y);
-        acc += x * y;
-    }
+static inline float hsum(v8f a) {
     float s = 0.0f;
-    for (; j < n; ++j) s += a[j] * b[j];
-    for (int u = 0; u < 8; ++u) s += acc[u];
+    for (int u = 0; u < 8; ++u) s += a[u];
     return s;
+}
+
+static inline v8f load8(const float * p) { v8f x; memcpy(&x, p, sizeof x); return x; }
+
+/* out[h] = f . m[h] for up to 4 weight rows at once: independent accumulators sharing the loads of
+ * f (a single dependent chain of FMAs was latency-bound). n is a multiple of 8. */
+static inline void dot_rows(const float * f, const float * m, int64_t stride, int32_t n_rows, int32_t n, float * out) {
+    int32_t r = 0;
+    for (; r + 4 <= n_rows; r += 4) {
+        const float * m0 = m + r * stride, * m1 = m0 + stride, * m2 = m1 + stride, * m3 = m2 + stride;
+        v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        for (int32_t j = 0; j < n; j += 8) {
+            const v8f x = load8(f + j);
+            a0 += x * load8(m0 + j); a1 += x * load8(m1 + j);
+            a2 += x * load8(m2 + j); a3 += x * load8(m3 + j);
+        }
+        out[r] = hsum(a0); out[r + 1] = hsum(a1); out[r + 2] = hsum(a2); out[r + 3] = hsum(a3);
+    }
+    for (; r < n_rows; ++r) {
+        const float * m0 = m + r * stride;
+        v8f a0 = {0}, a1 = {0};
+        int32_t j = 0;
+        for (; j + 16 <= n; j += 16) { a0 += load8(f + j) * load8(m0 + j); a1 += load8(f + j + 8) * load8(m0 + j + 8); }
+        for (; j < n; j += 8) a0 += load8(f + j) * load8(m0 + j);
+        out[r] = hsum(a0 + a1);
+    }
 }
 
 int32_t llamakv_ea_logits(const uint8_t * rows, int32_t type, int64_t row_bytes, int64_t n_cells,
@@ -330,10 +390,15 @@ int32_t llamakv_ea_logits(const uint8_t * rows, int32_t type, int64_t row_bytes,
                           const float * m, const int32_t * perm, int32_t n_pairs, float * z) {
     if (check_type(type)) return ERR_BAD_TYPE;
     const int64_t per_row = (int64_t) n_head_kv * head_dim;
-    const int32_t group = n_head / n_head_kv, d = head_dim, P = n_pairs, F = 2 * head_dim + n_pairs;
-    float * k = malloc((per_row + F) * sizeof(float));
-    if (k == NULL) return ERR_NO_MEMORY;
-    float * f = k + per_row;  /* features of one key: [k (pair-major) | k^2 | pair products] */
+    const int32_t group = n_head / n_head_kv, d = head_dim, P = n_pairs;
+    const int32_t F = 2 * head_dim + n_pairs, Fp = (F + 7) / 8 * 8;  /* features padded with zeros to 8 */
+    float * k = malloc((per_row + Fp + group) * sizeof(float));
+    float * mp = calloc((size_t) n_head * Fp, sizeof(float));
+    if (k == NULL || mp == NULL) { free(k); free(mp); return ERR_NO_MEMORY; }
+    for (int32_t h = 0; h < n_head; ++h) memcpy(mp + (int64_t) h * Fp, m + (int64_t) h * F, F * sizeof(float));
+    float * f = k + per_row;  /* features of one key: [k (pair-major) | k^2 | pair products | 0 pad] */
+    float * zg = f + Fp;
+    for (int32_t j = F; j < Fp; ++j) f[j] = 0.0f;
     bool identity = true;
     for (int32_t j = 0; j < d; ++j) identity = identity && perm[j] == j;
     for (int64_t i = 0; i < n_cells; ++i) {
@@ -349,10 +414,12 @@ int32_t llamakv_ea_logits(const uint8_t * rows, int32_t type, int64_t row_bytes,
             }
             for (int32_t j = 0; j < d; ++j) f[d + j] = f[j] * f[j];
             for (int32_t p = 0; p < P; ++p) f[2 * d + p] = f[p] * f[P + p];
-            for (int32_t h = g * group; h < (g + 1) * group; ++h) z[(int64_t) h * n_cells + i] = dot(f, m + (int64_t) h * F, F);
+            dot_rows(f, mp + (int64_t) g * group * Fp, Fp, group, Fp, zg);
+            for (int32_t h = 0; h < group; ++h) z[(int64_t) (g * group + h) * n_cells + i] = zg[h];
         }
     }
     free(k);
+    free(mp);
     return 0;
 }
 
@@ -366,9 +433,13 @@ int32_t llamakv_value_norms(const uint8_t * data, int32_t type, int64_t row_byte
         for (int64_t i = 0; i < n_cells; ++i) {
             row_to_float(data + i * row_bytes, type, per_row, v);
             for (int32_t h = 0; h < n_head_kv; ++h) {
-                double s = 0.0;
-                for (int32_t j = 0; j < head_dim; ++j) s += (double) v[h * head_dim + j] * v[h * head_dim + j];
-                out[i * n_head_kv + h] = (float) sqrt(s);
+                const float * x = v + (int64_t) h * head_dim;
+                v8f a = {0};
+                int32_t j = 0;
+                for (; j + 8 <= head_dim; j += 8) { const v8f y = load8(x + j); a += y * y; }
+                float s = hsum(a);
+                for (; j < head_dim; ++j) s += x[j] * x[j];
+                out[i * n_head_kv + h] = sqrtf(s);
             }
         }
         free(v);

@@ -202,11 +202,17 @@ class ExpectedAttention:
         vnorm = inputs.vnorm if self.use_vnorm else None
 
         def score_layer(layer: int) -> None:
-            z = self.layer_logits(inputs, layer)[:, not_sink]
-            a = _group_mean(softmax(z, axis=-1), inputs.n_head_kv)
+            z = self.layer_logits(inputs, layer)
+            z[:, ~not_sink] = -np.inf  # softmax over the other cells, in place (this is most of the work)
+            z -= z.max(axis=-1, keepdims=True)
+            np.exp(z, out=z)
+            z /= z.sum(axis=-1, keepdims=True)
+            a = z.reshape(inputs.n_head_kv, -1, n).mean(axis=1)
             if vnorm is not None:
-                a = (a + self.epsilon) * vnorm[not_sink, layer].T
-            out[layer][:, not_sink] = a
+                a += self.epsilon
+                a *= vnorm[:, layer].T
+            a[:, ~not_sink] = np.inf
+            out[layer] = a
 
         _shim.parallel_map(score_layer, range(inputs.n_layer))
         return out
@@ -360,24 +366,31 @@ def aggregate(scores: np.ndarray, policy: str = "mean", n_keep: int | None = Non
     """
     if policy not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {policy!r}; choose one of {', '.join(AGGREGATIONS)}")
-    finite = np.isfinite(scores).all(axis=(0, 1))
-    s = scores[:, :, finite].astype(np.float64)
-    s = s / np.maximum(s.sum(axis=-1, keepdims=True), 1e-30)
-    out = np.full(scores.shape[-1], np.inf)
-    if s.shape[-1] == 0:
+    n_layer, n_head_kv, n = scores.shape
+    finite = np.logical_and.reduce(_shim.parallel_map(lambda layer: np.isfinite(scores[layer]).all(axis=0),
+                                                      range(n_layer)), initial=True)
+    out = np.full(n, np.inf)
+    n_finite = int(finite.sum())
+    if n_finite == 0:
         return out
-    mean = s.mean(axis=(0, 1))
+    k = n_finite if n_keep is None else int(min(max(n_keep, 0), n_finite))
+
+    def layer_parts(layer: int):  # per layer, in parallel: [share summed over heads, max share, votes]
+        s = scores[layer][:, finite].astype(np.float32)
+        s /= np.maximum(s.sum(axis=-1, keepdims=True, dtype=np.float64), 1e-30).astype(np.float32)
+        votes = np.zeros(n_finite)
+        if policy == "votes" and k > 0:
+            np.add.at(votes, np.argpartition(-s, k - 1, axis=-1)[:, :k].reshape(-1), 1.0)
+        return s.sum(axis=0, dtype=np.float64), (s.max(axis=0) if policy == "max" else None), votes
+
+    parts = _shim.parallel_map(layer_parts, range(n_layer))
+    mean = np.sum([p[0] for p in parts], axis=0) / (n_layer * n_head_kv)
     if policy == "mean":
         out[finite] = mean
     elif policy == "max":
-        out[finite] = s.max(axis=(0, 1))
+        out[finite] = np.max([p[1] for p in parts], axis=0)
     else:
-        k = s.shape[-1] if n_keep is None else int(min(max(n_keep, 0), s.shape[-1]))
-        flat = s.reshape(-1, s.shape[-1])
-        votes = np.zeros(s.shape[-1])
-        if k > 0:
-            top = np.argpartition(-flat, k - 1, axis=-1)[:, :k]
-            np.add.at(votes, top.reshape(-1), 1.0)
+        votes = np.sum([p[2] for p in parts], axis=0)
         out[finite] = votes + mean / max(mean.max(), 1e-30) * 0.5  # ties: mean share, < one vote
     return out
 

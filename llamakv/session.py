@@ -130,7 +130,7 @@ class KVSession:
 
     def __init__(self, llama: llama_cpp.Llama, *, n_sink: int = 4, full_covariance: bool = False,
                  press: Press | None = None, aggregation: str = "mean", seq_id: int = 0,
-                 stats_window: int | None = None, stats_rows: int | None = None, window: int = 64,
+                 stats_window: int | None = None, stats_sample: int | None = 2048, window: int = 64,
                  capture_generation: bool = False, recent: int = 64):
         self.llama = llama
         model = llama._model.model
@@ -154,11 +154,12 @@ class KVSession:
             n_layer=self.n_layer, n_head=self.n_head, head_dim=self.head_dim, n_ubatch=self.n_ubatch,
             q_normed=SUPPORTED_ARCHITECTURES[self.architecture], n_sink=n_sink,
             full_covariance=full_covariance, window=window)
-        # queries of the last `stats_window` tokens of each prefill call (None: all), and of those
-        # the last `stats_rows` of each ubatch (None: all), enter the statistics; on a GPU each
-        # ubatch captured costs a synchronisation per layer and device-to-host copies
+        # queries of the last `stats_window` tokens of each prefill call (None: all) enter the
+        # statistics; when they are more than `stats_sample`, only those of about that many tokens:
+        # whole ubatches spread evenly over them, the last one included. On a GPU every ubatch
+        # captured costs a synchronisation per layer and the copies, whatever its number of rows.
         self.stats_window = stats_window
-        self.stats_rows = stats_rows
+        self.stats_sample = stats_sample
         self.capture_generation = capture_generation
         self.recent = recent    # newest positions a bounded cache never evicts
         self.reports: list[CompressionReport] = []  # every compression since the last reset
@@ -262,10 +263,18 @@ class KVSession:
     def free_cells(self) -> int:
         return self.n_ctx - self.n_cells
 
-    def _decode(self, tokens: Sequence[int], *, progress: ProgressFn | None = None, capture: bool = True) -> None:
+    def _decode(self, tokens: Sequence[int], *, progress: ProgressFn | None = None, capture: bool = True,
+                prompt: tuple[int, int] | None = None) -> None:
         """Decode tokens at the next positions, in ubatch-sized calls; logits of the last one.
-        Queries are captured (see stats_window, stats_rows, window) unless `capture` is False."""
+        Queries are captured (see stats_window, stats_sample, window) unless `capture` is False.
+        `prompt` = (tokens before these, tokens in all) when these are a chunk of a longer prompt."""
         n = len(tokens)
+        before, total = prompt or (0, n)
+        first = 0 if self.stats_window is None else max(0, total - self.stats_window)  # first token in the stats
+        anchors = None  # prompt tokens whose ubatches are captured, when sampling
+        if self.stats_sample is not None and total - first > self.stats_sample:
+            k = max(1, math.ceil(self.stats_sample / self.n_ubatch))
+            anchors = [total - 1 - j * (total - first) // k for j in range(k)]
         if n == 0:
             return
         if n > self.free_cells:
@@ -286,10 +295,11 @@ class KVSession:
                 b.logits[i] = 0
             b.logits[m - 1] = int(done + m == n)
             b.n_tokens = m
-            after = n - done - m  # tokens of this call after the ubatch
-            stats = m if self.stats_window is None else self.stats_window - after
-            if self.stats_rows is not None:
-                stats = min(stats, self.stats_rows)
+            a = before + done  # the ubatch holds prompt tokens a .. a + m - 1
+            after = total - a - m
+            stats = max(0, min(m, a + m - first))
+            if anchors is not None and not any(a <= x < a + m for x in anchors):
+                stats = 0
             wanted = cap.begin_ubatch(self.next_pos, m, stats if capture else 0,
                                       cap.window_cap - after if capture else 0)
             self._switch.set(wanted or cap.probing)
@@ -330,7 +340,7 @@ class KVSession:
             chunk = tokens[done:done + step]
             if self.n_cells + len(chunk) > budget:
                 self.compress_to(target)
-            self._decode(chunk)
+            self._decode(chunk, prompt=(done, len(tokens)))
             done += len(chunk)
             if progress:
                 progress(done, len(tokens))

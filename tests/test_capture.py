@@ -72,21 +72,26 @@ def test_statistics_equal_numpy_over_several_decode_calls(fresh_any, text_tokens
     np.testing.assert_allclose(stats.variance()[LAYER], rows.var(axis=0), rtol=1e-9, atol=1e-9)
 
 
-def test_statistics_from_the_last_rows_of_each_ubatch(fresh_any, text_tokens):
-    q = probe_per_decode(fresh_any, f"Qcur-{LAYER}", "RESHAPE", text_tokens, 40).astype(np.float64)
-    fresh_any.reset()
-    fresh_any.stats_rows = 10
-    try:
-        for i in range(0, len(text_tokens), 40):
-            fresh_any.prefill(text_tokens[i:i + 40])
-    finally:
-        fresh_any.stats_rows = None
-    idx = np.concatenate([np.arange(i, min(i + 40, len(q)))[-10:] for i in range(0, len(q), 40)])
-    rows = q[idx[idx >= fresh_any.n_sink]]
-    stats = fresh_any.capture.stats
-    assert stats.count[LAYER] == len(rows) < len(q) // 2
-    np.testing.assert_allclose(stats.mean[LAYER], rows.mean(axis=0), rtol=1e-9, atol=1e-9)
-    np.testing.assert_allclose(stats.variance()[LAYER], rows.var(axis=0), rtol=1e-9, atol=1e-9)
+def test_statistics_from_an_even_sample_of_a_long_prompt(fresh_any, text_tokens):
+    """stats_sample: whole ubatches spread over the prompt (or its last stats_window tokens), the
+    last one included; never a part of a ubatch."""
+    tokens = (text_tokens * 10)[:1300]  # ubatches 0..511, 512..1023, 1024..1299
+    q = probe_per_decode(fresh_any, f"Qcur-{LAYER}", "RESHAPE", tokens, 200).astype(np.float64)
+    fresh_any.capture.clear_probe()
+    assert fresh_any.n_ubatch == 512 and len(q) == 1300
+    # 600 of 1300: two ubatches, those holding tokens 1299 and 1299 - 650
+    # 300 of the last 700: the ubatch of token 1299, every query of it (all are in the window)
+    for sample, window, rows in ((600, None, q[512:]), (300, 700, q[1024:])):
+        fresh_any.reset()
+        fresh_any.stats_sample, fresh_any.stats_window = sample, window
+        try:
+            fresh_any.prefill(tokens)
+        finally:
+            fresh_any.stats_sample, fresh_any.stats_window = 2048, None
+        stats = fresh_any.capture.stats
+        assert stats.count[LAYER] == len(rows)
+        np.testing.assert_allclose(stats.mean[LAYER], rows.mean(axis=0), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(stats.variance()[LAYER], rows.var(axis=0), rtol=1e-7, atol=1e-9)
 
 
 def test_statistics_from_the_last_tokens_of_a_prefill(fresh_any, text_tokens):
