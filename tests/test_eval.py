@@ -72,6 +72,22 @@ def test_generation_is_deterministic_and_seeded(count):
     assert a.outputs != c.outputs and a.outputs != d.outputs
 
 
+def test_needle_at_a_chosen_depth(count):
+    """depth (percent of the haystack) places a single needle there; the random draws stay those of
+    the sample without a depth; tasks with several needles refuse it."""
+    free = tasks.generate_sample("niah_single_1", 2, 1000, count, seed=3)
+    for depth in (0, 50, 100):
+        s = tasks.generate_sample("niah_single_1", 2, 1000, count, seed=3, depth=depth)
+        assert s.outputs == free.outputs and s.question == free.question and s.extra["depth"] == depth
+        lines = s.context.split("\n")[1:-1]  # the intro, the haystack lines, the final empty line
+        at = next(i for i, line in enumerate(lines) if line.startswith("One of the special magic"))
+        assert at == round((len(lines) - 1) * depth / 100)
+    with pytest.raises(tasks.TaskError, match="single needle"):
+        tasks.generate_sample("niah_multikey_1", 0, 1000, count, depth=50)
+    with pytest.raises(tasks.TaskError, match="NIAH"):
+        tasks.generate_sample("vt", 0, 1000, count, depth=50)
+
+
 def test_generation_errors(count):
     with pytest.raises(tasks.TaskError, match="unknown task"):
         tasks.generate_sample("niah_single_9", 0, 1000, count)

@@ -165,9 +165,14 @@ def _niah(rng: random.Random, size: int, spec: dict, length: int):
     needles = [NEEDLE.format(kind=kind_v, key=k, value=v) for k, vs in zip(keys, values) for v in vs]
     rng.shuffle(needles)
 
+    depth = spec.get("depth")  # None: random depths, as RULER; else every needle at this percent
+    if depth is not None and len(needles) != 1:
+        raise TaskError("a fixed needle depth is for tasks with a single needle (niah_single_*, niah_multikey_2/3)")
     if haystack == "essay":
         sents = _sentences(" ".join(_essay_words()[:size]))
         cuts = sorted(int(len(sents) * d / 100) for d in rng.sample(DEPTHS, len(needles)))
+        if depth is not None:
+            cuts = [round(len(sents) * depth / 100)]
         parts, last = [], 0
         for cut, needle in zip(cuts, needles):
             parts += sents[last:cut] + [needle]
@@ -179,7 +184,10 @@ def _niah(rng: random.Random, size: int, spec: dict, length: int):
         else:  # "needle": distractor needles with other keys
             lines = [NEEDLE.format(kind=kind_v, key=k, value=_rand_value(rng, kind_v))
                      for k in _distinct(rng, kind_k, size, avoid=keys)]
-        for at, needle in sorted(zip(rng.sample(range(size + 1), len(needles)), needles), reverse=True):
+        ats = rng.sample(range(size + 1), len(needles))
+        if depth is not None:
+            ats = [round(size * depth / 100)]
+        for at, needle in sorted(zip(ats, needles), reverse=True):
             lines.insert(at, needle)
         context = "\n".join(lines)
 
@@ -366,12 +374,18 @@ def _max_size(task: TaskSpec, length: int) -> int:
 
 
 # -- generation ------------------------------------------------------------------------------
-def generate_sample(task: str, index: int, length: int, count_tokens: CountTokens, seed: int = 42) -> Sample:
-    """The largest sample of `task` whose prompt + tokens to generate fits in `length` tokens."""
+def generate_sample(task: str, index: int, length: int, count_tokens: CountTokens, seed: int = 42,
+                    depth: float | None = None) -> Sample:
+    """The largest sample of `task` whose prompt + tokens to generate fits in `length` tokens.
+
+    `depth` (NIAH tasks with a single needle): the needle goes at this percent of the haystack (0:
+    first, 100: last) instead of a random depth; the random draws (keys, values) are the same."""
     if task not in TASKS:
         raise TaskError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     ts = TASKS[task]
-    spec = dict(ts.spec, seed=seed, index=index)
+    if depth is not None and (ts.build is not _niah or not 0 <= depth <= 100):
+        raise TaskError(f"{task}: a needle depth (in percent, 0..100) applies to the NIAH tasks only, got {depth}")
+    spec = dict(ts.spec, seed=seed, index=index, depth=depth)
     budget = length - ts.max_new_tokens
 
     def build(size: int):
@@ -406,8 +420,9 @@ def generate_sample(task: str, index: int, length: int, count_tokens: CountToken
         else:
             hi = mid
     (context, question, prefix, outputs), n = best
+    extra = {"size": lo} if depth is None else {"size": lo, "depth": depth}
     return Sample(task=task, index=index, context=context, question=question, answer_prefix=prefix,
-                  outputs=outputs, n_tokens=n, max_new_tokens=ts.max_new_tokens, extra={"size": lo})
+                  outputs=outputs, n_tokens=n, max_new_tokens=ts.max_new_tokens, extra=extra)
 
 
 def generate_samples(tasks: Sequence[str], n: int, length: int, count_tokens: CountTokens, seed: int = 42,
