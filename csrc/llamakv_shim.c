@@ -361,61 +361,82 @@ static inline float hsum(v8f a) {
 
 static inline v8f load8(const float * p) { v8f x; memcpy(&x, p, sizeof x); return x; }
 
-/* out[h] = f . m[h] for up to 4 weight rows at once: independent accumulators sharing the loads of
- * f (a single dependent chain of FMAs was latency-bound). n is a multiple of 8. */
-static inline void dot_rows(const float * f, const float * m, int64_t stride, int32_t n_rows, int32_t n, float * out) {
+/* out[h][c] = f[c] . m[h] for 4 feature rows f (one per cell, stride fs) and n_rows weight rows m
+ * (stride ms): blocks of 4 x 4 accumulators, so each load of a feature or weight vector feeds 4
+ * FMAs (one row at a time was load-bound). n is a multiple of 8. */
+static inline void dot_block(const float * f, int64_t fs, const float * m, int64_t ms, int32_t n_rows, int32_t n,
+                             float * out) {
+    const float * f0 = f, * f1 = f + fs, * f2 = f + 2 * fs, * f3 = f + 3 * fs;
     int32_t r = 0;
     for (; r + 4 <= n_rows; r += 4) {
-        const float * m0 = m + r * stride, * m1 = m0 + stride, * m2 = m1 + stride, * m3 = m2 + stride;
-        v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        const float * m0 = m + r * ms, * m1 = m0 + ms, * m2 = m1 + ms, * m3 = m2 + ms;
+        v8f a[4][4] = {{{0}}};
         for (int32_t j = 0; j < n; j += 8) {
-            const v8f x = load8(f + j);
-            a0 += x * load8(m0 + j); a1 += x * load8(m1 + j);
-            a2 += x * load8(m2 + j); a3 += x * load8(m3 + j);
+            const v8f x0 = load8(f0 + j), x1 = load8(f1 + j), x2 = load8(f2 + j), x3 = load8(f3 + j);
+            v8f y = load8(m0 + j);
+            a[0][0] += x0 * y; a[0][1] += x1 * y; a[0][2] += x2 * y; a[0][3] += x3 * y;
+            y = load8(m1 + j);
+            a[1][0] += x0 * y; a[1][1] += x1 * y; a[1][2] += x2 * y; a[1][3] += x3 * y;
+            y = load8(m2 + j);
+            a[2][0] += x0 * y; a[2][1] += x1 * y; a[2][2] += x2 * y; a[2][3] += x3 * y;
+            y = load8(m3 + j);
+            a[3][0] += x0 * y; a[3][1] += x1 * y; a[3][2] += x2 * y; a[3][3] += x3 * y;
         }
-        out[r] = hsum(a0); out[r + 1] = hsum(a1); out[r + 2] = hsum(a2); out[r + 3] = hsum(a3);
+        for (int h = 0; h < 4; ++h)
+            for (int c = 0; c < 4; ++c) out[(r + h) * 4 + c] = hsum(a[h][c]);
     }
     for (; r < n_rows; ++r) {
-        const float * m0 = m + r * stride;
-        v8f a0 = {0}, a1 = {0};
-        int32_t j = 0;
-        for (; j + 16 <= n; j += 16) { a0 += load8(f + j) * load8(m0 + j); a1 += load8(f + j + 8) * load8(m0 + j + 8); }
-        for (; j < n; j += 8) a0 += load8(f + j) * load8(m0 + j);
-        out[r] = hsum(a0 + a1);
+        const float * m0 = m + r * ms;
+        v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        for (int32_t j = 0; j < n; j += 8) {
+            const v8f y = load8(m0 + j);
+            a0 += load8(f0 + j) * y; a1 += load8(f1 + j) * y; a2 += load8(f2 + j) * y; a3 += load8(f3 + j) * y;
+        }
+        out[r * 4] = hsum(a0); out[r * 4 + 1] = hsum(a1); out[r * 4 + 2] = hsum(a2); out[r * 4 + 3] = hsum(a3);
     }
+}
+
+/* The features of one key head src [d] in f: [k (pair-major) | k^2 | pair products]. */
+static inline void key_features(const float * src, const int32_t * perm, int32_t d, int32_t P, int kind, float * f) {
+    if (kind == 0) {
+        memcpy(f, src, d * sizeof(float));
+    } else if (kind == 1) {  /* NORM pairs (2p, 2p + 1) */
+        for (int32_t p = 0; p < P; ++p) { f[p] = src[2 * p]; f[P + p] = src[2 * p + 1]; }
+    } else {
+        for (int32_t j = 0; j < d; ++j) f[j] = src[perm[j]];
+    }
+    for (int32_t j = 0; j < d; ++j) f[d + j] = f[j] * f[j];
+    for (int32_t p = 0; p < P; ++p) f[2 * d + p] = f[p] * f[P + p];
 }
 
 int32_t llamakv_ea_logits(const uint8_t * rows, int32_t type, int64_t row_bytes, int64_t n_cells,
                           int32_t n_head, int32_t n_head_kv, int32_t head_dim,
                           const float * m, const int32_t * perm, int32_t n_pairs, float * z) {
     if (check_type(type)) return ERR_BAD_TYPE;
+    enum { CB = 4 };  /* cells per block */
     const int64_t per_row = (int64_t) n_head_kv * head_dim;
     const int32_t group = n_head / n_head_kv, d = head_dim, P = n_pairs;
     const int32_t F = 2 * head_dim + n_pairs, Fp = (F + 7) / 8 * 8;  /* features padded with zeros to 8 */
-    float * k = malloc((per_row + Fp + group) * sizeof(float));
+    float * k = malloc((CB * per_row + CB * Fp + CB * group) * sizeof(float));
     float * mp = calloc((size_t) n_head * Fp, sizeof(float));
     if (k == NULL || mp == NULL) { free(k); free(mp); return ERR_NO_MEMORY; }
     for (int32_t h = 0; h < n_head; ++h) memcpy(mp + (int64_t) h * Fp, m + (int64_t) h * F, F * sizeof(float));
-    float * f = k + per_row;  /* features of one key: [k (pair-major) | k^2 | pair products | 0 pad] */
-    float * zg = f + Fp;
-    for (int32_t j = F; j < Fp; ++j) f[j] = 0.0f;
+    float * f = k + CB * per_row;  /* features of the block's keys, one row of Fp per cell */
+    float * zb = f + CB * Fp;      /* [group][CB] */
+    for (int c = 0; c < CB; ++c)
+        for (int32_t j = F; j < Fp; ++j) f[c * Fp + j] = 0.0f;
     bool identity = true;
     for (int32_t j = 0; j < d; ++j) identity = identity && perm[j] == j;
-    for (int64_t i = 0; i < n_cells; ++i) {
-        row_to_float(rows + i * row_bytes, type, per_row, k);
+    const int kind = identity ? 0 : (2 * P == d && perm[0] == 0 && perm[P] == 1) ? 1 : 2;
+    for (int64_t i0 = 0; i0 < n_cells; i0 += CB) {
+        const int nc = n_cells - i0 < CB ? (int) (n_cells - i0) : CB;
+        for (int c = 0; c < nc; ++c) row_to_float(rows + (i0 + c) * row_bytes, type, per_row, k + c * per_row);
+        for (int c = nc; c < CB; ++c) memcpy(k + c * per_row, k, per_row * sizeof(float));  /* unused */
         for (int32_t g = 0; g < n_head_kv; ++g) {
-            const float * src = k + (int64_t) g * d;
-            if (identity) {
-                memcpy(f, src, d * sizeof(float));
-            } else if (2 * P == d && perm[0] == 0 && perm[P] == 1) {  /* NORM pairs (2p, 2p + 1) */
-                for (int32_t p = 0; p < P; ++p) { f[p] = src[2 * p]; f[P + p] = src[2 * p + 1]; }
-            } else {
-                for (int32_t j = 0; j < d; ++j) f[j] = src[perm[j]];
-            }
-            for (int32_t j = 0; j < d; ++j) f[d + j] = f[j] * f[j];
-            for (int32_t p = 0; p < P; ++p) f[2 * d + p] = f[p] * f[P + p];
-            dot_rows(f, mp + (int64_t) g * group * Fp, Fp, group, Fp, zg);
-            for (int32_t h = 0; h < group; ++h) z[(int64_t) (g * group + h) * n_cells + i] = zg[h];
+            for (int c = 0; c < CB; ++c) key_features(k + c * per_row + (int64_t) g * d, perm, d, P, kind, f + c * Fp);
+            dot_block(f, Fp, mp + (int64_t) g * group * Fp, Fp, group, Fp, zb);
+            for (int32_t h = 0; h < group; ++h)
+                for (int c = 0; c < nc; ++c) z[(int64_t) (g * group + h) * n_cells + i0 + c] = zb[h * CB + c];
         }
     }
     free(k);
