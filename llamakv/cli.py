@@ -98,8 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--n-sink", type=int, default=4, help="first positions never evicted (default 4)")
     c.add_argument("--full-covariance", action="store_true", help="full query covariance (default diagonal)")
     c.add_argument("--stats-window", type=int, default=None, metavar="N",
-                   help="query statistics from the last N tokens of the prompt only (default: all); on a GPU "
-                        "capturing every query costs much more prefill time")
+                   help="query statistics from the last N tokens of the prompt only (default: all)")
+    c.add_argument("--stats-sample", type=_non_negative, default=2048, metavar="N",
+                   help="query statistics from about N tokens: whole ubatches spread over the prompt (default "
+                        "2048; 0: every token). On a GPU each captured ubatch costs a synchronisation per layer")
     c.add_argument("--no-compact", action="store_true",
                    help="do not move kept cells together (n_kv, hence decode cost, stays as before)")
 
@@ -116,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _open_session(args, *, n_sink: int = 4, full_covariance: bool = False):
     from .session import KVSession
 
@@ -124,7 +133,8 @@ def _open_session(args, *, n_sink: int = 4, full_covariance: bool = False):
                                 n_threads=args.threads, flash_attn=args.flash_attn,
                                 n_batch=args.batch_size, seed=args.seed, verbose=args.verbose,
                                 n_sink=n_sink, full_covariance=full_covariance,
-                                stats_window=getattr(args, "stats_window", None))
+                                stats_window=getattr(args, "stats_window", None),
+                                stats_sample=getattr(args, "stats_sample", 2048) or None)
 
 
 def _split_prompt(session, context: str | None, chat: bool) -> tuple[str | None, str]:

@@ -264,10 +264,11 @@ class KVSession:
         return self.n_ctx - self.n_cells
 
     def _decode(self, tokens: Sequence[int], *, progress: ProgressFn | None = None, capture: bool = True,
-                prompt: tuple[int, int] | None = None) -> None:
+                prompt: tuple[int, int] | None = None, stats_last: bool = False) -> None:
         """Decode tokens at the next positions, in ubatch-sized calls; logits of the last one.
         Queries are captured (see stats_window, stats_sample, window) unless `capture` is False.
-        `prompt` = (tokens before these, tokens in all) when these are a chunk of a longer prompt."""
+        `prompt` = (tokens before these, tokens in all) when these are a chunk of a longer prompt;
+        `stats_last`: the last ubatch feeds the statistics even if the sample would skip it."""
         n = len(tokens)
         before, total = prompt or (0, n)
         first = 0 if self.stats_window is None else max(0, total - self.stats_window)  # first token in the stats
@@ -298,7 +299,7 @@ class KVSession:
             a = before + done  # the ubatch holds prompt tokens a .. a + m - 1
             after = total - a - m
             stats = max(0, min(m, a + m - first))
-            if anchors is not None and not any(a <= x < a + m for x in anchors):
+            if anchors is not None and not any(a <= x < a + m for x in anchors) and not (stats_last and done + m == n):
                 stats = 0
             wanted = cap.begin_ubatch(self.next_pos, m, stats if capture else 0,
                                       cap.window_cap - after if capture else 0)
@@ -324,9 +325,10 @@ class KVSession:
 
         With a `budget` (cells, at most n_ctx) a prompt of any length streams through the cache:
         it is decoded in chunks (a ubatch, or budget - target tokens if fewer) and, whenever the
-        next chunk would not fit, the cache is compressed down to `target` cells (default half the budget) with the session's press,
-        keeping the sinks and the newest `recent` tokens; the query statistics accumulate over
-        the whole prompt. Each compression's report is appended to `reports`."""
+        next chunk would not fit, the cache is compressed down to `target` cells (default half the
+        budget) with the session's press, keeping the sinks and the newest `recent` tokens; the
+        query statistics accumulate over the whole prompt (the sample of `stats_sample` plus the
+        chunk before each compression). Each compression's report is appended to `reports`."""
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if not tokens:
             raise ValueError("empty prompt: nothing to prefill")
@@ -340,7 +342,11 @@ class KVSession:
             chunk = tokens[done:done + step]
             if self.n_cells + len(chunk) > budget:
                 self.compress_to(target)
-            self._decode(chunk, prompt=(done, len(tokens)))
+            following = len(tokens[done + step:done + 2 * step])
+            # the chunk before a compression always feeds the statistics: a sample spread over the
+            # whole prompt may have none before the first compression
+            self._decode(chunk, prompt=(done, len(tokens)),
+                         stats_last=following > 0 and self.n_cells + len(chunk) + following > budget)
             done += len(chunk)
             if progress:
                 progress(done, len(tokens))

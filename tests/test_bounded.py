@@ -34,6 +34,25 @@ def test_prompt_three_times_the_cache(tiny):
     assert tiny.generate(max_tokens=4, budget=256, target=128)  # and decoding goes on from there
 
 
+def test_sampled_statistics_exist_at_every_compression(tiny):
+    """With a sample of the prompt's queries (one ubatch of 64 tokens of 768 here, the last), the
+    chunk before each compression feeds the statistics too: every compression has statistics, from
+    the prompt so far."""
+    tiny.reset()
+    tiny.stats_sample = 64
+    counts = []
+    compress_to = tiny.compress_to
+    tiny.compress_to = lambda target: (counts.append(tiny.capture.stats.count.max()), compress_to(target))[1]
+    try:
+        tiny.prefill(list(range(300, 300 + 3 * 256)), budget=256, target=128)
+    finally:
+        tiny.stats_sample = 2048
+        del tiny.compress_to
+    assert len(counts) == len(tiny.reports) >= 4
+    assert all(c > 0 for c in counts) and counts == sorted(counts)
+    assert counts[-1] < 3 * 256 / 2  # a sample: far fewer than every query
+
+
 def test_generation_twice_the_cache(tiny):
     tiny.reset()
     tiny.prefill(list(range(500, 600)))

@@ -101,6 +101,7 @@ def test_cli_default_document_runs():
     (["compress", "/no/such/model.gguf", "-p", "x"], "no model file"),
     (["compress", "-f", "/no/such/prompt.txt"], "no such prompt file"),
     (["compress", "-p", "   "], "the prompt is empty"),
+    (["compress", "--stats-sample", "-5", "-p", "x"], "must be 0 or more"),
 ])
 def test_cli_bad_input(args, message):
     r = run_cli(*args)
