@@ -104,9 +104,17 @@ class RopeParams:
         return out
 
     def mean_rotation(self, start: int, n_future: int) -> tuple[np.ndarray, np.ndarray]:
-        """R̄ = mean of R_t over t in [start, start + n_future): per pair [[A, -B], [B, A]]."""
-        cos, sin = self.cos_sin(np.arange(start, start + n_future))
-        return cos.mean(axis=0), sin.mean(axis=0)
+        """R̄ = mean of R_t over t in [start, start + n_future): per pair [[A, -B], [B, A]].
+        The angle is linear in t (theta = omega t), so the mean of exp(i omega t) is a geometric
+        series: exp(i omega start) (1 - exp(i omega n)) / (n (1 - exp(i omega))), any horizon n."""
+        theta, mscale = self.angles([1.0])
+        omega = theta[0]
+        n = max(int(n_future), 1)
+        step = np.exp(1j * omega)
+        small = np.abs(omega) < 1e-9  # no rotation over the horizon to speak of
+        series = np.where(small, n, (1 - step ** n) / np.where(small, 1, 1 - step))
+        mean = np.exp(1j * omega * start) * series / n * mscale
+        return mean.real, mean.imag
 
     def unrotate_mean(self, keys: np.ndarray, start: int, n_future: int) -> np.ndarray:
         """R̄ᵀ k for keys [..., head_dim]: then mu'ᵀk = muᵀ(R̄ᵀk) and kᵀR̄ΣR̄ᵀk = (R̄ᵀk)ᵀΣ(R̄ᵀk)."""

@@ -33,6 +33,7 @@ class ScoreInputs:
     n_sink: int
     window_q: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0, 0), np.float32))
     window_pos: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [W]
+    n_future: int = 0        # future positions whose queries will read the cells, if the caller knows (0: the press's default)
 
     @classmethod
     def from_arrays(cls, keys: np.ndarray, vnorm: np.ndarray, pos: np.ndarray, **kw) -> "ScoreInputs":
@@ -132,7 +133,8 @@ def _sinks_inf(scores: np.ndarray, inputs: ScoreInputs) -> np.ndarray:
 class ExpectedAttention:
     """Expected Attention (Devoto et al., 2025, "Expected Attention: KV cache compression by
     estimating attention from future queries distribution"): future queries ~ N(mu, Sigma) from
-    pre-RoPE statistics, RoPE averaged over the next `n_future_positions`, closed-form
+    pre-RoPE statistics, RoPE averaged over the next `n_future_positions` (more for a streamed
+    prompt, see KVSession.prefill), closed-form
     log E[exp(qᵀk/√d)] = mu'ᵀk/√d + kᵀΣ'k/(2d), softmax per query head, mean over each GQA
     group, times the value norm."""
 
@@ -152,7 +154,7 @@ class ExpectedAttention:
         σ_a k̄_a² + σ_b k̄_b² = k_a²(σ_a A² + σ_b B²) + k_b²(σ_a B² + σ_b A²) + 2AB(σ_a - σ_b) k_a k_b."""
         d = inputs.head_dim
         rp = inputs.rope(layer)
-        A, B = rp.mean_rotation(inputs.next_pos, self.n_future_positions)
+        A, B = rp.mean_rotation(inputs.next_pos, self.horizon(inputs))
         a, b = rp.pair_dims()
         mu = inputs.stats.mean[layer]
         w = mu / math.sqrt(d)
@@ -171,6 +173,11 @@ class ExpectedAttention:
         m = np.concatenate([w[:, perm], dq[:, perm], c], axis=1)
         return np.ascontiguousarray(m, dtype=np.float32), np.ascontiguousarray(perm, dtype=np.int32), len(a)
 
+    def horizon(self, inputs: ScoreInputs) -> int:
+        """Future positions RoPE is averaged over: `n_future_positions`, or more where the caller
+        knows that queries much further on will read the cells (a streamed prompt)."""
+        return max(self.n_future_positions, inputs.n_future)
+
     def layer_logits(self, inputs: ScoreInputs, layer: int) -> np.ndarray:
         """z [n_head, n_cells]: the expected log attention logit of each query head for each key."""
         m, perm, n_pairs = self._folded(inputs, layer)
@@ -187,7 +194,7 @@ class ExpectedAttention:
             d = inputs.head_dim
             group = inputs.n_head // inputs.n_head_kv
             keys = inputs.layer_keys(layer)
-            k_bar = inputs.rope(layer).unrotate_mean(keys, inputs.next_pos, self.n_future_positions)
+            k_bar = inputs.rope(layer).unrotate_mean(keys, inputs.next_pos, self.horizon(inputs))
             k_bar = np.repeat(k_bar, group, axis=1).transpose(1, 0, 2)  # [n_head, n, d]
             cov = inputs.stats.covariance()[layer].astype(np.float32)  # [n_head, d, d]
             z += np.einsum("hnd,hde,hne->hn", k_bar, cov, k_bar, optimize=True) / (2 * d)

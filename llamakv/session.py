@@ -144,6 +144,7 @@ class KVSession:
         self.n_head_kv = llama_cpp.llama_model_n_head_kv(model)
         key_len = _meta(model, f"{self.architecture}.attention.key_length")
         self.head_dim = int(key_len) if key_len else llama_cpp.llama_model_n_embd(model) // self.n_head
+        self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
         self.n_sink = n_sink
         self.press = press or ExpectedAttention(full_covariance=full_covariance)
         self.aggregation = aggregation
@@ -162,6 +163,7 @@ class KVSession:
         self.stats_sample = stats_sample
         self.capture_generation = capture_generation
         self.recent = recent    # newest positions a bounded cache never evicts
+        self._future = 0        # future positions to score for, while a streamed prefill compresses
         self.reports: list[CompressionReport] = []  # every compression since the last reset
         self._install_callback(params)
         self.ctx = llama._ctx.ctx
@@ -341,7 +343,14 @@ class KVSession:
         while done < len(tokens):
             chunk = tokens[done:done + step]
             if self.n_cells + len(chunk) > budget:
-                self.compress_to(target)
+                # the cells kept now will be read by the queries of the rest of the prompt and of
+                # the answer, within the model's context: averaged over the next 512 positions,
+                # RoPE favours recent cells at every compression and old ones (a needle) are lost
+                self._future = len(tokens) - done + self.n_ctx_train
+                try:
+                    self.compress_to(target)
+                finally:
+                    self._future = 0
             following = len(tokens[done + step:done + 2 * step])
             # the chunk before a compression always feeds the statistics: a sample spread over the
             # whole prompt may have none before the first compression
@@ -406,7 +415,7 @@ class KVSession:
         return ScoreInputs(state=parsed, stats=self.capture.stats, rope=self.capture.rope,
                            next_pos=self.next_pos, n_head=self.n_head, n_head_kv=self.n_head_kv,
                            head_dim=self.head_dim, n_sink=self.n_sink, window_q=window_q,
-                           window_pos=window_pos)
+                           window_pos=window_pos, n_future=self._future)
 
     def compress(self, ratio: float, *, press: Press | None = None, aggregation: str | None = None,
                  compact: bool = True, protect_recent: int = 1) -> CompressionReport:

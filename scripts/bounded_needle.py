@@ -465,7 +465,7 @@ def main(argv=None) -> int:
     depths = [round(d, 1) for d in depths]
     lengths = [m * budget for m in sorted(set(args.multiples))]
     model = args.model or args.model_pos
-    label = Path(str(model)).stem if model else "smollm2-135m-instruct"
+    label = (Path(model).stem if str(model).endswith(".gguf") else str(model)) if model else "smollm2-135m-instruct"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or f"{label}_B{budget}"

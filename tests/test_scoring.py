@@ -63,6 +63,23 @@ def test_scores_equal_numpy_reference(prefilled, where):
     assert np.isinf(ours[:, ~mask]).all()  # sinks are never candidates
 
 
+@pytest.mark.parametrize("rope_kw", [
+    dict(mode=0, freq_base=1e4, freq_scale=1.0, ext_factor=0.0),  # NORM pairs, plain
+    dict(mode=2, freq_base=1e6, freq_scale=0.25, ext_factor=1.0),  # NEOX pairs, YaRN
+    dict(mode=2, freq_base=5e5, freq_scale=1.0, ext_factor=0.0, freq_factors=tuple(np.linspace(1, 8, 32))),
+])
+def test_mean_rotation_in_closed_form_equals_the_mean(rope_kw):
+    """R̄ over long horizons (a streamed prompt) from the geometric series equals the plain mean."""
+    from llamakv.rope import RopeParams
+
+    rope = RopeParams(n_dims=64, n_ctx_orig=8192, attn_factor=1.0, beta_fast=32.0, beta_slow=1.0, **rope_kw)
+    for start, n in [(0, 1), (100, 512), (12345, 7), (40000, 65536)]:
+        cos, sin = rope.cos_sin(np.arange(start, start + n))
+        A, B = rope.mean_rotation(start, n)
+        np.testing.assert_allclose(A, cos.mean(axis=0), atol=1e-9)
+        np.testing.assert_allclose(B, sin.mean(axis=0), atol=1e-9)
+
+
 def test_closed_form_matches_monte_carlo(prefilled):
     """log E[exp(qᵀk/√d)] for q ~ N(R̄mu, R̄ΣR̄ᵀ) equals the closed form used for z."""
     layer, h = 13, 4
