@@ -337,6 +337,8 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--n-sink", type=int, default=4, help="first positions never evicted (default 4)")
     p.add_argument("--epsilon", type=float, default=None,
                    help="Expected Attention's epsilon (default: the press's, 0)")
+    p.add_argument("--n-future", type=int, default=None,
+                   help="Expected Attention's n_future_positions, RoPE's averaging horizon (default 512)")
     p.add_argument("--no-chat", action="store_true", help="plain text instead of the model's chat template")
     p.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's own logs")
     p.set_defaults(func=cmd_eval)
@@ -380,10 +382,11 @@ def cmd_eval(args) -> int:
         _log(f"samples written to {args.dump_samples}")
     if args.generate_only:
         return 0
-    label = Path(str(model)).stem if model else "smollm2-135m-instruct"
+    label = (Path(model).stem if str(model).endswith(".gguf") else str(model)) if model else "smollm2-135m-instruct"
+    settings = (("epsilon", args.epsilon), ("n_future_positions", args.n_future))
     rows = run_eval(session, samples, methods=methods, ratios=ratios, aggregations=aggs, modes=modes,
                     kl_tokens=args.kl_tokens, chat=chat, model=label, max_new_tokens=args.max_new_tokens,
-                    log=_log, press_kwargs={} if args.epsilon is None else {"epsilon": args.epsilon})
+                    log=_log, press_kwargs={k: v for k, v in settings if v is not None})
     name = args.name or f"eval-{label}-{args.length}"
     title = f"{label}, {args.length} tokens, {len(samples)} samples"
     paths = write_results(rows, args.out, name, title)
