@@ -163,7 +163,6 @@ class KVSession:
         self.stats_sample = stats_sample
         self.capture_generation = capture_generation
         self.recent = recent    # newest positions a bounded cache never evicts
-        self._future = 0        # future positions to score for, while a streamed prefill compresses
         self.reports: list[CompressionReport] = []  # every compression since the last reset
         self._install_callback(params)
         self.ctx = llama._ctx.ctx
@@ -346,11 +345,7 @@ class KVSession:
                 # the cells kept now will be read by the queries of the rest of the prompt and of
                 # the answer, within the model's context: averaged over the next 512 positions,
                 # RoPE favours recent cells at every compression and old ones (a needle) are lost
-                self._future = len(tokens) - done + self.n_ctx_train
-                try:
-                    self.compress_to(target)
-                finally:
-                    self._future = 0
+                self.compress_to(target, n_future=len(tokens) - done + self.n_ctx_train)
             following = len(tokens[done + step:done + 2 * step])
             # the chunk before a compression always feeds the statistics: a sample spread over the
             # whole prompt may have none before the first compression
@@ -372,10 +367,11 @@ class KVSession:
         return budget, target
 
     def compress_to(self, n_cells: int, *, press: Press | None = None, aggregation: str | None = None,
-                    compact: bool = True, protect_recent: int | None = None) -> CompressionReport | None:
+                    compact: bool = True, protect_recent: int | None = None,
+                    n_future: int = 0) -> CompressionReport | None:
         """Compress down to `n_cells` cells, or as close as the protected cells allow (None if
         nothing is to go), keeping the sinks and the newest `protect_recent` positions (default
-        `recent`)."""
+        `recent`). `n_future`: as in compress()."""
         protect = max(1, self.recent if protect_recent is None else protect_recent)
         pos = self._pos_buf[:self.n_cells]
         candidates = int(np.count_nonzero((pos >= self.n_sink) & (pos < self.next_pos - protect)))
@@ -383,7 +379,8 @@ class KVSession:
         if n_evict <= 0:
             return None
         ratio = min((n_evict + 0.5) / candidates, (candidates - 0.5) / candidates)
-        return self.compress(ratio, press=press, aggregation=aggregation, compact=compact, protect_recent=protect)
+        return self.compress(ratio, press=press, aggregation=aggregation, compact=compact, protect_recent=protect,
+                             n_future=n_future)
 
     @property
     def positions(self) -> np.ndarray:
@@ -403,7 +400,7 @@ class KVSession:
         self._has_logits = False
 
     # -- compression -----------------------------------------------------------------------
-    def score_inputs(self, state: np.ndarray | None = None) -> ScoreInputs:
+    def score_inputs(self, state: np.ndarray | None = None, n_future: int = 0) -> ScoreInputs:
         """What presses score: the cells as llama.cpp holds them (the sequence state, read now
         unless given), the query statistics, the recent queries and the model's rope."""
         raw = self.cache.get_state() if state is None else state
@@ -415,13 +412,14 @@ class KVSession:
         return ScoreInputs(state=parsed, stats=self.capture.stats, rope=self.capture.rope,
                            next_pos=self.next_pos, n_head=self.n_head, n_head_kv=self.n_head_kv,
                            head_dim=self.head_dim, n_sink=self.n_sink, window_q=window_q,
-                           window_pos=window_pos, n_future=self._future)
+                           window_pos=window_pos, n_future=n_future)
 
     def compress(self, ratio: float, *, press: Press | None = None, aggregation: str | None = None,
-                 compact: bool = True, protect_recent: int = 1) -> CompressionReport:
+                 compact: bool = True, protect_recent: int = 1, n_future: int = 0) -> CompressionReport:
         """Evict `ratio` of the compressible cells (all but the sinks and the `protect_recent`
         newest positions, e.g. a question already in the cache), those with the lowest
-        aggregated score; then compact the cache so n_kv shrinks."""
+        aggregated score; then compact the cache so n_kv shrinks. `n_future`: future positions
+        whose queries will read the cells, where known (a streamed prompt; 0: the press's own)."""
         if not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0) or math.isnan(ratio):
             raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
         press = press or self.press
@@ -435,7 +433,7 @@ class KVSession:
         t0 = time.perf_counter()
         raw = self.cache.get_state(self._state_in)
         t1 = time.perf_counter()
-        inputs = self.score_inputs(raw)
+        inputs = self.score_inputs(raw, n_future)
         pos = inputs.pos
         protected = (pos < self.n_sink) | (pos >= self.next_pos - max(1, protect_recent))
         candidates = np.flatnonzero(~protected)

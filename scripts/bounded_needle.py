@@ -48,7 +48,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llamakv import KVSession
-from llamakv.eval.run import _tokens, encode, split_prompt, token_counter
+from llamakv.eval.run import _tokens, encode, finish_plot, split_prompt, token_counter
 from llamakv.eval.tasks import TASKS, generate_sample, score
 from llamakv.scoring import AGGREGATIONS, PRESSES, make_press
 
@@ -424,12 +424,7 @@ def plot(rows: list[dict], path: Path, title: str, budget: int) -> None:
     ax.set_xlabel(f"prompt length in tokens (multiple of the {budget}-cell cache)")
     ax.set_ylabel("needle accuracy (%)")
     ax.set_ylim(-3, 103)
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_plot(fig, ax, title, path)
 
 
 def _fmt_s(s: float) -> str:

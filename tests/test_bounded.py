@@ -42,7 +42,7 @@ def test_sampled_statistics_exist_at_every_compression(tiny):
     tiny.stats_sample = 64
     counts = []
     compress_to = tiny.compress_to
-    tiny.compress_to = lambda target: (counts.append(tiny.capture.stats.count.max()), compress_to(target))[1]
+    tiny.compress_to = lambda target, **kw: (counts.append(tiny.capture.stats.count.max()), compress_to(target, **kw))[1]
     try:
         tiny.prefill(list(range(300, 300 + 3 * 256)), budget=256, target=128)
     finally:

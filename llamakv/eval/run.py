@@ -267,6 +267,13 @@ def plot(rows: Sequence[dict], path: Path, title: str = "") -> None:
     ax.set_xlabel("compression ratio (fraction of cells evicted)")
     ax.set_ylabel("average score (%)")
     ax.set_ylim(-2, 102)
+    finish_plot(fig, ax, title, path)
+
+
+def finish_plot(fig, ax, title: str, path: Path) -> None:
+    """The results plots' common ending: title, grid, legend, written as PNG and closed."""
+    import matplotlib.pyplot as plt
+
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
