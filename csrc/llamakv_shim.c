@@ -444,6 +444,70 @@ int32_t llamakv_ea_logits(const uint8_t * rows, int32_t type, int64_t row_bytes,
     return 0;
 }
 
+/* exp(x) for x <= 0 (softmax after subtracting the maximum), 8 lanes: x = n ln2 + r with |r| <= ln2/2,
+ * exp(r) by Cephes' expf polynomial (about 1 ulp), 2^n put in the exponent bits; below -87.3
+ * (including -inf) it is 0. */
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+static inline v8f exp8_nonpos(v8f x) {
+    const v8i under = x < -87.3f;
+    x = (v8f) ((v8i) x & ~under);  /* 0 where under, so the arithmetic below stays finite */
+    const v8i n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, v8i);  /* rounds, as x <= 0 */
+    const v8f nf = __builtin_convertvector(n, v8f);
+    const v8f r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    v8f p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const v8i bits = ((n + 127) << 23) & ~under;  /* 0.0f where under */
+    return p * (v8f) bits;
+}
+
+int32_t llamakv_ea_attention(float * z, int64_t n_cells, int32_t n_head, int32_t n_head_kv, const uint8_t * scored,
+                             const float * vnorm, int64_t vnorm_stride, float epsilon, float * out) {
+    const int32_t group = n_head / n_head_kv;
+    float * inv_sum = malloc(n_head * sizeof(float));
+    if (inv_sum == NULL) return ERR_NO_MEMORY;
+    for (int32_t h = 0; h < n_head; ++h) {
+        float * zh = z + (int64_t) h * n_cells;
+        float mx = -INFINITY;
+        for (int64_t i = 0; i < n_cells; ++i) {
+            if (!scored[i]) zh[i] = -INFINITY;
+            else if (zh[i] > mx) mx = zh[i];
+        }
+        if (mx == -INFINITY) mx = 0.0f;  /* nothing scored: every exp below is 0 */
+        double sum = 0.0;
+        int64_t i = 0;
+        for (; i + 8 <= n_cells; i += 8) {
+            const v8f e = exp8_nonpos(load8(zh + i) - mx);
+            memcpy(zh + i, &e, sizeof e);
+            sum += hsum(e);
+        }
+        for (; i < n_cells; ++i) {
+            zh[i] = expf(zh[i] - mx);
+            sum += zh[i];
+        }
+        inv_sum[h] = sum > 0.0 ? (float) (1.0 / (sum * group)) : 0.0f;
+    }
+    for (int32_t g = 0; g < n_head_kv; ++g) {
+        float * o = out + (int64_t) g * n_cells;
+        for (int64_t i = 0; i < n_cells; ++i) o[i] = 0.0f;
+        for (int32_t h = g * group; h < (g + 1) * group; ++h) {
+            const float * zh = z + (int64_t) h * n_cells;
+            const float w = inv_sum[h];
+            for (int64_t i = 0; i < n_cells; ++i) o[i] += zh[i] * w;
+        }
+        for (int64_t i = 0; i < n_cells; ++i) {
+            if (!scored[i]) o[i] = INFINITY;
+            else if (vnorm != NULL) o[i] = (o[i] + epsilon) * vnorm[i * vnorm_stride + g];
+        }
+    }
+    free(inv_sum);
+    return 0;
+}
+
 int32_t llamakv_value_norms(const uint8_t * data, int32_t type, int64_t row_bytes, int64_t n_cells,
                             int32_t n_head_kv, int32_t head_dim, int32_t transposed, float * out) {
     if (check_type(type)) return ERR_BAD_TYPE;

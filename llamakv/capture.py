@@ -155,12 +155,14 @@ class Capture:
             self._c.error = 0
             raise CaptureError(f"capture failed: {self.shim.error_string(err)}")
 
+    def recent_slots(self) -> np.ndarray:
+        """Where the window's queries sit in the ring (`window`, `window_pos`), oldest first."""
+        return (int(self._c.window_head) - self.window_len + np.arange(self.window_len)) % self.window_cap
+
     def recent_queries(self) -> tuple[np.ndarray, np.ndarray]:
         """The window of recent pre-RoPE queries, oldest first: q [n_layer, W, n_head, head_dim]
         and their positions [W]."""
-        n = self.window_len
-        head = int(self._c.window_head)
-        slots = (head - n + np.arange(n)) % self.window_cap
+        slots = self.recent_slots()
         return self.window[:, slots], self.window_pos[slots].copy()
 
     def set_recent_queries(self, q: np.ndarray, pos: np.ndarray) -> None:

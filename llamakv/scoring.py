@@ -31,8 +31,9 @@ class ScoreInputs:
     n_head_kv: int
     head_dim: int
     n_sink: int
-    window_q: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0, 0), np.float32))
+    window_q: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0, 0), np.float32))  # [n_layer, W, n_head, d]
     window_pos: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [W]
+    window_slots: np.ndarray | None = None  # window_q's entries in window_pos's order (None: as they are)
     n_future: int = 0        # future positions whose queries will read the cells, if the caller knows (0: the press's default)
 
     @classmethod
@@ -79,27 +80,35 @@ class ScoreInputs:
         """All keys [n_cells, n_layer, n_head_kv, head_dim] float32 (tests, comparisons)."""
         return np.stack([self.layer_keys(layer) for layer in range(self.n_layer)], axis=1)
 
+    def _value_norms(self, layer: int, out: np.ndarray) -> None:
+        lt = self.state.v[layer]
+        if self.n_cells and _shim.load().lib.llamakv_value_norms(
+                _shim.ptr("uint8_t *", lt.data), lt.type, lt.row_bytes, self.n_cells, self.n_head_kv,
+                self.head_dim, int(lt.transposed), _shim.ptr("float *", out)):
+            raise LlamaKVError(f"cannot read values of ggml type {lt.type}")
+
     @cached_property
     def vnorm(self) -> np.ndarray:
         """L2 norm of each value head [n_cells, n_layer, n_head_kv]."""
         out = np.empty((self.n_layer, self.n_cells, self.n_head_kv), dtype=np.float32)
-        lib = _shim.load().lib
-
-        def layer_norms(layer: int) -> int:
-            lt = self.state.v[layer]
-            return lib.llamakv_value_norms(_shim.ptr("uint8_t *", lt.data), lt.type, lt.row_bytes, self.n_cells,
-                                           self.n_head_kv, self.head_dim, int(lt.transposed),
-                                           _shim.ptr("float *", out[layer]))
-
-        if self.n_cells and any(_shim.parallel_map(layer_norms, range(self.n_layer))):
-            raise LlamaKVError(f"cannot read values of ggml type {self.state.v[0].type}")
+        _shim.parallel_map(lambda layer: self._value_norms(layer, out[layer]), range(self.n_layer))
         return out.transpose(1, 0, 2)
+
+    def layer_vnorm(self, layer: int) -> np.ndarray:
+        """One layer's value norms [n_cells, n_head_kv] (`vnorm[:, layer]`, without computing the
+        other layers' when `vnorm` was not asked for)."""
+        if "vnorm" in self.__dict__:
+            return self.vnorm[:, layer]
+        out = np.empty((self.n_cells, self.n_head_kv), dtype=np.float32)
+        self._value_norms(layer, out)
+        return out
 
     def window_queries(self, layer: int) -> np.ndarray:
         """The recent queries of one layer after RoPE, float32 [W, n_head, head_dim]."""
         if len(self.window_pos) == 0:
             raise LlamaKVError("no recent queries were captured (prefill with capture enabled)")
-        return self.rope(layer).rotate(self.window_q[layer], self.window_pos).astype(np.float32)
+        q = self.window_q[layer] if self.window_slots is None else self.window_q[layer][self.window_slots]
+        return self.rope(layer).rotate(q, self.window_pos).astype(np.float32)
 
 
 class Press(Protocol):
@@ -145,32 +154,40 @@ class ExpectedAttention:
     full_covariance: bool = False
     name: str = "expected_attention"
 
-    def _folded(self, inputs: ScoreInputs, layer: int):
-        """The mean rotation folded into the statistics: z = kᵀ(w + dq∘k) + Σ_p c_p k_a k_b, as one
-        weight row per head over the features [k, k∘k, k_a k_b] (in the kernel's pair-major order).
+    def _folded(self, inputs: ScoreInputs):
+        """The mean rotation folded into the statistics, for every layer at once (numpy on small
+        arrays holds the GIL; per layer inside the thread pool it serialised the layers):
+        z = kᵀ(w + dq∘k) + Σ_p c_p k_a k_b, as one weight row per (layer, head) over the features
+        [k, k∘k, k_a k_b] (in the kernel's pair-major order), m [n_layer, n_head, 2 d + P].
 
         With R̄ = mean rotation, per pair (a, b) k̄_a = A k_a + B k_b, k̄_b = -B k_a + A k_b; then
         μᵀk̄ = k_a (Aμ_a - Bμ_b) + k_b (Bμ_a + Aμ_b) and, with a diagonal variance σ,
         σ_a k̄_a² + σ_b k̄_b² = k_a²(σ_a A² + σ_b B²) + k_b²(σ_a B² + σ_b A²) + 2AB(σ_a - σ_b) k_a k_b."""
         d = inputs.head_dim
-        rp = inputs.rope(layer)
-        A, B = rp.mean_rotation(inputs.next_pos, self.horizon(inputs))
-        a, b = rp.pair_dims()
-        mu = inputs.stats.mean[layer]
+        ropes = [inputs.rope(layer) for layer in range(inputs.n_layer)]
+        a, b = ropes[0].pair_dims()
+        if any(not (np.array_equal(a, r.pair_dims()[0]) and np.array_equal(b, r.pair_dims()[1])) for r in ropes):
+            raise LlamaKVError("the rotated dimensions differ between layers; llamakv does not support that")
+        rotations = {}
+        for r in set(ropes):
+            rotations[r] = r.mean_rotation(inputs.next_pos, self.horizon(inputs))
+        A = np.stack([rotations[r][0] for r in ropes])[:, None, :]  # [n_layer, 1, P]
+        B = np.stack([rotations[r][1] for r in ropes])[:, None, :]
+        mu = inputs.stats.mean
         w = mu / math.sqrt(d)
-        w[:, a] = (A * mu[:, a] - B * mu[:, b]) / math.sqrt(d)
-        w[:, b] = (B * mu[:, a] + A * mu[:, b]) / math.sqrt(d)
+        w[..., a] = (A * mu[..., a] - B * mu[..., b]) / math.sqrt(d)
+        w[..., b] = (B * mu[..., a] + A * mu[..., b]) / math.sqrt(d)
         dq = np.zeros_like(w)
-        c = np.zeros((inputs.n_head, len(a)))
+        c = np.zeros(w.shape[:2] + (len(a),))
         if self.use_covariance and not self.full_covariance:
-            var = inputs.stats.variance()[layer]
+            var = inputs.stats.variance()
             dq = var / (2 * d)
-            dq[:, a] = (var[:, a] * A**2 + var[:, b] * B**2) / (2 * d)
-            dq[:, b] = (var[:, a] * B**2 + var[:, b] * A**2) / (2 * d)
-            c = 2 * A * B * (var[:, a] - var[:, b]) / (2 * d)
+            dq[..., a] = (var[..., a] * A**2 + var[..., b] * B**2) / (2 * d)
+            dq[..., b] = (var[..., a] * B**2 + var[..., b] * A**2) / (2 * d)
+            c = 2 * A * B * (var[..., a] - var[..., b]) / (2 * d)
         # pair-major order for the kernel: the dims of pair p at p and P + p, then the unrotated ones
         perm = np.concatenate([a, b, np.setdiff1d(np.arange(d), np.concatenate([a, b]))])
-        m = np.concatenate([w[:, perm], dq[:, perm], c], axis=1)
+        m = np.concatenate([w[..., perm], dq[..., perm], c], axis=-1)
         return np.ascontiguousarray(m, dtype=np.float32), np.ascontiguousarray(perm, dtype=np.int32), len(a)
 
     def horizon(self, inputs: ScoreInputs) -> int:
@@ -178,16 +195,18 @@ class ExpectedAttention:
         knows that queries much further on will read the cells (a streamed prompt)."""
         return max(self.n_future_positions, inputs.n_future)
 
-    def layer_logits(self, inputs: ScoreInputs, layer: int) -> np.ndarray:
-        """z [n_head, n_cells]: the expected log attention logit of each query head for each key."""
-        m, perm, n_pairs = self._folded(inputs, layer)
+    def layer_logits(self, inputs: ScoreInputs, layer: int, folded=None) -> np.ndarray:
+        """z [n_head, n_cells]: the expected log attention logit of each query head for each key
+        (`folded`: `_folded(inputs)`, when scoring every layer)."""
+        m, perm, n_pairs = folded or self._folded(inputs)
         n = inputs.n_cells
         z = np.empty((inputs.n_head, n), dtype=np.float32)
         lt = inputs.state.k[layer]
         if n:
             err = _shim.load().lib.llamakv_ea_logits(
                 _shim.ptr("uint8_t *", lt.data), lt.type, lt.row_bytes, n, inputs.n_head, inputs.n_head_kv,
-                inputs.head_dim, _shim.ptr("float *", m), _shim.ptr("int32_t *", perm), n_pairs, _shim.ptr("float *", z))
+                inputs.head_dim, _shim.ptr("float *", m[layer]), _shim.ptr("int32_t *", perm), n_pairs,
+                _shim.ptr("float *", z))
             if err:
                 raise LlamaKVError(f"cannot score keys of ggml type {lt.type}")
         if self.use_covariance and self.full_covariance:
@@ -202,24 +221,25 @@ class ExpectedAttention:
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         n = inputs.n_cells
-        not_sink = _not_sink(inputs)
+        scored = np.ascontiguousarray(_not_sink(inputs), dtype=np.uint8)
         out = np.full((inputs.n_layer, inputs.n_head_kv, n), np.inf, dtype=np.float32)
-        if not not_sink.any():
+        if not scored.any():
             return out
-        vnorm = inputs.vnorm if self.use_vnorm else None
+        folded = self._folded(inputs)
+        lib, ffi = _shim.load().lib, _shim.load().ffi
 
         def score_layer(layer: int) -> None:
-            z = self.layer_logits(inputs, layer)
-            z[:, ~not_sink] = -np.inf  # softmax over the other cells, in place (this is most of the work)
-            z -= z.max(axis=-1, keepdims=True)
-            np.exp(z, out=z)
-            z /= z.sum(axis=-1, keepdims=True)
-            a = z.reshape(inputs.n_head_kv, -1, n).mean(axis=1)
-            if vnorm is not None:
-                a += self.epsilon
-                a *= vnorm[:, layer].T
-            a[:, ~not_sink] = np.inf
-            out[layer] = a
+            # all in C, so the layers run in parallel without the GIL, and reading one layer's
+            # values (memory-bound) overlaps another's logits (compute-bound)
+            z = self.layer_logits(inputs, layer, folded)
+            v, stride = ffi.NULL, 0
+            if self.use_vnorm:
+                vl = inputs.layer_vnorm(layer)  # [n_cells, n_head_kv], rows `stride` floats apart
+                vl = vl if vl.strides[1] == vl.itemsize else np.ascontiguousarray(vl)
+                v, stride = ffi.cast("float *", vl.ctypes.data), vl.strides[0] // vl.itemsize
+            lib.llamakv_ea_attention(_shim.ptr("float *", z), n, inputs.n_head, inputs.n_head_kv,
+                                     _shim.ptr("uint8_t *", scored), v, stride, self.epsilon,
+                                     _shim.ptr("float *", out[layer]))
 
         _shim.parallel_map(score_layer, range(inputs.n_layer))
         return out

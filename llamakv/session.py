@@ -408,11 +408,14 @@ class KVSession:
             parsed = SeqState.parse(raw)
         except ValueError as e:
             raise LlamaKVError(f"llamakv cannot read this cache's state layout: {e}") from e
-        window_q, window_pos = self.capture.recent_queries()
+        # the capture's ring of recent queries itself, not a copy (33 MB for an 8B model): read
+        # before the next decode call overwrites it
+        slots = self.capture.recent_slots()
         return ScoreInputs(state=parsed, stats=self.capture.stats, rope=self.capture.rope,
                            next_pos=self.next_pos, n_head=self.n_head, n_head_kv=self.n_head_kv,
-                           head_dim=self.head_dim, n_sink=self.n_sink, window_q=window_q,
-                           window_pos=window_pos, n_future=n_future)
+                           head_dim=self.head_dim, n_sink=self.n_sink, window_q=self.capture.window,
+                           window_pos=self.capture.window_pos[slots].copy(), window_slots=slots,
+                           n_future=n_future)
 
     def compress(self, ratio: float, *, press: Press | None = None, aggregation: str | None = None,
                  compact: bool = True, protect_recent: int = 1, n_future: int = 0) -> CompressionReport:

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Where the scoring time of a compression goes: value norms, Expected Attention's scores and the
-aggregation on 1, 4, 8 and 16 threads of llamakv's pool, then one layer's stages on one thread.
+"""Where the scoring time of a compression goes: Expected Attention's scores (value norms included;
+also alone) and the aggregation on 1, 4, 8 and 16 threads of llamakv's pool, then one layer's
+stages on one thread.
 For the GPU machine (all layers offloaded, flash attention):
 
     python3 scripts/profile_scoring.py /tmp/l8b.gguf 32768
@@ -37,23 +38,21 @@ def timed(f, *a):
 
 for th in (1, 4, 8, 16):
     _shim._POOL = ThreadPoolExecutor(max_workers=th)
-    inputs = s.score_inputs(raw)
-    _, tv = timed(lambda: inputs.vnorm)
-    sc, ts = timed(press.score, inputs)
+    _, tv = timed(lambda: s.score_inputs(raw).vnorm)
+    sc, ts = timed(press.score, s.score_inputs(raw))
     _, ta = timed(aggregate, sc, "mean", n // 2)
-    print(f"threads {th}: vnorm {tv:.0f} ms, press.score {ts:.0f} ms, aggregate {ta:.0f} ms", flush=True)
-inputs = s.score_inputs(raw)
+    print(f"threads {th}: value norms alone {tv:.0f} ms; press.score (value norms included) {ts:.0f} ms, "
+          f"aggregate {ta:.0f} ms", flush=True)
+inputs, tin = timed(s.score_inputs, raw)
+print(f"score_inputs {tin:.1f} ms", flush=True)
 inputs.vnorm
-z, tl = timed(press.layer_logits, inputs, 5)
-
-
-def soft(z):
-    z -= z.max(axis=-1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=-1, keepdims=True)
-    return z.reshape(inputs.n_head_kv, -1, z.shape[1]).mean(axis=1)
-
-
-_, tsm = timed(soft, z)
-_, tf = timed(press._folded, inputs, 5)
-print(f"one layer, one thread: folded {tf:.1f} ms, logits (C) {tl:.1f} ms, softmax+group mean {tsm:.1f} ms", flush=True)
+folded, tf = timed(press._folded, inputs)
+z, tl = timed(press.layer_logits, inputs, 5, folded)
+out = np.empty((inputs.n_head_kv, inputs.n_cells), np.float32)
+scored = np.ones(inputs.n_cells, np.uint8)
+lib, ffi = _shim.load().lib, _shim.load().ffi
+_, ta = timed(lib.llamakv_ea_attention, ffi.cast("float *", z.ctypes.data), inputs.n_cells, inputs.n_head,
+              inputs.n_head_kv, ffi.cast("uint8_t *", scored.ctypes.data), ffi.NULL, 0, 0.0,
+              ffi.cast("float *", out.ctypes.data))
+print(f"one thread: folded weights of every layer {tf:.1f} ms; one layer: logits (C) {tl:.1f} ms, "
+      f"softmax + group mean (C) {ta:.1f} ms", flush=True)
