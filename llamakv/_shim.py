@@ -174,6 +174,20 @@ def parallel_map(fn, items) -> list:
     return list(_POOL.map(fn, items))
 
 
+_SCRATCH = threading.local()
+
+
+def scratch(name: str, shape: tuple, dtype=np.float32) -> np.ndarray:
+    """A per-thread work array, kept between calls: the pool's threads score layer after layer
+    and compression after compression, and fresh multi-MB arrays cost page faults each time."""
+    arrays = _SCRATCH.__dict__.setdefault("arrays", {})
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buf = arrays.get(name)
+    if buf is None or len(buf) < size:
+        buf = arrays[name] = np.empty(size, dtype=np.uint8)
+    return buf[:size].view(dtype).reshape(shape)
+
+
 class HostBuffer:
     """A reusable host buffer that grows on demand: pinned memory of the GPU when llama.cpp has a
     GPU backend (device copies into it run at bus speed), ordinary memory otherwise."""

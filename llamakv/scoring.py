@@ -94,12 +94,12 @@ class ScoreInputs:
         _shim.parallel_map(lambda layer: self._value_norms(layer, out[layer]), range(self.n_layer))
         return out.transpose(1, 0, 2)
 
-    def layer_vnorm(self, layer: int) -> np.ndarray:
+    def layer_vnorm(self, layer: int, out: np.ndarray | None = None) -> np.ndarray:
         """One layer's value norms [n_cells, n_head_kv] (`vnorm[:, layer]`, without computing the
-        other layers' when `vnorm` was not asked for)."""
+        other layers' when `vnorm` was not asked for; into `out` if given)."""
         if "vnorm" in self.__dict__:
             return self.vnorm[:, layer]
-        out = np.empty((self.n_cells, self.n_head_kv), dtype=np.float32)
+        out = np.empty((self.n_cells, self.n_head_kv), dtype=np.float32) if out is None else out
         self._value_norms(layer, out)
         return out
 
@@ -116,12 +116,6 @@ class Press(Protocol):
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         """Scores [n_layer, n_head_kv, n_cells]; higher = more worth keeping."""
-
-
-def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
-    z = z - z.max(axis=axis, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=axis, keepdims=True)
 
 
 def _group_mean(a: np.ndarray, n_head_kv: int) -> np.ndarray:
@@ -195,12 +189,12 @@ class ExpectedAttention:
         knows that queries much further on will read the cells (a streamed prompt)."""
         return max(self.n_future_positions, inputs.n_future)
 
-    def layer_logits(self, inputs: ScoreInputs, layer: int, folded=None) -> np.ndarray:
+    def layer_logits(self, inputs: ScoreInputs, layer: int, folded=None, out: np.ndarray | None = None) -> np.ndarray:
         """z [n_head, n_cells]: the expected log attention logit of each query head for each key
-        (`folded`: `_folded(inputs)`, when scoring every layer)."""
+        (`folded`: `_folded(inputs)`, when scoring every layer; into `out` if given)."""
         m, perm, n_pairs = folded or self._folded(inputs)
         n = inputs.n_cells
-        z = np.empty((inputs.n_head, n), dtype=np.float32)
+        z = np.empty((inputs.n_head, n), dtype=np.float32) if out is None else out
         lt = inputs.state.k[layer]
         if n:
             err = _shim.load().lib.llamakv_ea_logits(
@@ -222,19 +216,19 @@ class ExpectedAttention:
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         n = inputs.n_cells
         scored = np.ascontiguousarray(_not_sink(inputs), dtype=np.uint8)
-        out = np.full((inputs.n_layer, inputs.n_head_kv, n), np.inf, dtype=np.float32)
         if not scored.any():
-            return out
+            return np.full((inputs.n_layer, inputs.n_head_kv, n), np.inf, dtype=np.float32)
+        out = np.empty((inputs.n_layer, inputs.n_head_kv, n), dtype=np.float32)  # every entry written below
         folded = self._folded(inputs)
         lib, ffi = _shim.load().lib, _shim.load().ffi
 
         def score_layer(layer: int) -> None:
             # all in C, so the layers run in parallel without the GIL, and reading one layer's
             # values (memory-bound) overlaps another's logits (compute-bound)
-            z = self.layer_logits(inputs, layer, folded)
+            z = self.layer_logits(inputs, layer, folded, _shim.scratch("logits", (inputs.n_head, n)))
             v, stride = ffi.NULL, 0
-            if self.use_vnorm:
-                vl = inputs.layer_vnorm(layer)  # [n_cells, n_head_kv], rows `stride` floats apart
+            if self.use_vnorm:  # [n_cells, n_head_kv], rows `stride` floats apart
+                vl = inputs.layer_vnorm(layer, _shim.scratch("vnorm", (n, inputs.n_head_kv)))
                 vl = vl if vl.strides[1] == vl.itemsize else np.ascontiguousarray(vl)
                 v, stride = ffi.cast("float *", vl.ctypes.data), vl.strides[0] // vl.itemsize
             lib.llamakv_ea_attention(_shim.ptr("float *", z), n, inputs.n_head, inputs.n_head_kv,

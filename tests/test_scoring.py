@@ -4,7 +4,9 @@ import math
 import numpy as np
 import pytest
 
-from llamakv.scoring import PRESSES, TOVA, ExpectedAttention, KNorm, SnapKV, aggregate, make_press
+from llamakv.rope import RopeParams
+from llamakv.scoring import PRESSES, TOVA, ExpectedAttention, KNorm, ScoreInputs, SnapKV, aggregate, make_press
+from llamakv.stats import QueryStats
 from conftest import needle_prompt
 
 
@@ -30,26 +32,53 @@ def rotation_matrix(rope, position, d):
     return R
 
 
-def reference_scores(session, layer, n_future, eps):
-    """Expected Attention written from the formula with dense matrices."""
-    inputs = session.score_inputs()
-    d, H, Hk = session.head_dim, session.n_head, session.n_head_kv
-    rope = session.capture.rope(layer)
-    R_bar = sum(rotation_matrix(rope, t, d) for t in range(session.next_pos, session.next_pos + n_future)) / n_future
-    keys = inputs.keys[:, layer].astype(np.float64)  # [n, Hk, d]
-    mask = inputs.pos >= session.n_sink
-    mean = session.capture.stats.mean[layer]
-    var = session.capture.stats.variance()[layer]
+def dense_reference(keys, vnorm, mask, mean, var, rope, next_pos, n_future, eps):
+    """Expected Attention written from the formula with dense matrices, for one layer: keys
+    [n, Hk, d] after RoPE, value norms [n, Hk], query mean and variance [H, d]."""
+    d, H, Hk = keys.shape[-1], mean.shape[0], keys.shape[1]
+    R_bar = sum(rotation_matrix(rope, t, d) for t in range(next_pos, next_pos + n_future)) / n_future
     a = np.zeros((H, mask.sum()))
     for h in range(H):
         mu_p = R_bar @ mean[h]
         sigma_p = R_bar @ np.diag(var[h]) @ R_bar.T
-        k = keys[mask, h // (H // Hk)]
+        k = keys[mask, h // (H // Hk)].astype(np.float64)
         z = k @ mu_p / math.sqrt(d) + np.einsum("nd,de,ne->n", k, sigma_p, k) / (2 * d)
         z -= z.max()
         a[h] = np.exp(z) / np.exp(z).sum()
     a = a.reshape(Hk, H // Hk, -1).mean(axis=1)
-    return (a + eps) * inputs.vnorm[mask, layer].T
+    return (a + eps) * vnorm[mask].T
+
+
+def reference_scores(session, layer, n_future, eps):
+    inputs = session.score_inputs()
+    return dense_reference(inputs.keys[:, layer], inputs.vnorm[:, layer], inputs.pos >= session.n_sink,
+                           session.capture.stats.mean[layer], session.capture.stats.variance()[layer],
+                           session.capture.rope(layer), session.next_pos, n_future, eps)
+
+
+@pytest.mark.parametrize("mode", [0, 2], ids=["norm", "neox"])
+@pytest.mark.parametrize("group", [4, 3])  # 4: the kernel with features in registers; 3: the general one
+def test_scores_of_synthetic_keys_equal_numpy_reference(mode, group):
+    """Shapes the real test models do not have (their GQA groups are 3 and 7), an odd cell count."""
+    rng = np.random.default_rng(mode + group)
+    n, n_layer, n_head_kv, d = 203, 2, 2, 32
+    stats = QueryStats(n_layer, n_head_kv * group, d)
+    stats.count[:] = 50
+    stats.mean[:] = rng.standard_normal(stats.mean.shape)
+    stats.m2[:] = rng.random(stats.m2.shape) * 100
+    rope = RopeParams(n_dims=d, mode=mode, n_ctx_orig=4096, freq_base=1e4, freq_scale=1.0, ext_factor=0.0,
+                      attn_factor=1.0, beta_fast=32.0, beta_slow=1.0)
+    keys = rng.standard_normal((n, n_layer, n_head_kv, d)).astype(np.float32)
+    vnorm = rng.random((n, n_layer, n_head_kv)).astype(np.float32) + 0.5
+    inputs = ScoreInputs.from_arrays(keys, vnorm, np.arange(n), stats=stats, rope=lambda layer: rope, next_pos=n,
+                                     n_head=n_head_kv * group, n_sink=4)
+    ours = ExpectedAttention(n_future_positions=64, epsilon=0.01).score(inputs)
+    mask = np.arange(n) >= 4
+    for layer in range(n_layer):
+        ref = dense_reference(keys[:, layer], vnorm[:, layer], mask, stats.mean[layer], stats.variance()[layer],
+                              rope, n, 64, 0.01)
+        np.testing.assert_allclose(ours[layer][:, mask], ref, rtol=1e-4)
+    assert np.isinf(ours[:, :, ~mask]).all()
 
 
 @pytest.mark.parametrize("where", [0.0, 0.5, 1.0])
