@@ -176,30 +176,81 @@ static void * column_sums(void * arg) {
 }
 
 /* Column sums of a whole ubatch take milliseconds per layer, during which a GPU waits for the
- * callback: large ones are split over threads (columns are independent). */
+ * callback: large ones are split over threads (columns are independent). The threads are started
+ * once and wait on a condition variable between merges: creating 7 threads per merge cost about
+ * as much as the merge itself (a 32k prompt's sample is 128 merges on an 8B model). */
+enum { MAX_SUM_THREADS = 8, MIN_SUM_WORK = 1 << 17 };
+
+static struct {
+    pthread_once_t once;
+    pthread_mutex_t busy;   /* one merge at a time uses the pool; another caller sums alone */
+    pthread_mutex_t mu;
+    pthread_cond_t work, done;
+    int n_workers;          /* started threads, each taking jobs[1 + its index] */
+    int n_jobs, pending;
+    int64_t generation;
+    sums_job jobs[MAX_SUM_THREADS];
+} sum_pool = {PTHREAD_ONCE_INIT, PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
+              PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, {{0}}};
+
+static void * sum_worker(void * arg) {
+    const int index = (int) (intptr_t) arg;
+    int64_t seen = 0;
+    for (;;) {
+        pthread_mutex_lock(&sum_pool.mu);
+        while (sum_pool.generation == seen) pthread_cond_wait(&sum_pool.work, &sum_pool.mu);
+        seen = sum_pool.generation;
+        const bool mine = 1 + index < sum_pool.n_jobs;
+        pthread_mutex_unlock(&sum_pool.mu);
+        if (mine) column_sums(&sum_pool.jobs[1 + index]);
+        pthread_mutex_lock(&sum_pool.mu);
+        if (--sum_pool.pending == 0) pthread_cond_signal(&sum_pool.done);
+        pthread_mutex_unlock(&sum_pool.mu);
+    }
+    return NULL;
+}
+
+static void start_sum_pool(void) {
+    const long n_cpu = sysconf(_SC_NPROCESSORS_ONLN);
+    const int n = (int) ((n_cpu < MAX_SUM_THREADS ? n_cpu : MAX_SUM_THREADS) - 1);
+    for (int i = 0; i < n; ++i) {
+        pthread_t tid;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const bool ok = pthread_create(&tid, &attr, sum_worker, (void *) (intptr_t) i) == 0;
+        pthread_attr_destroy(&attr);
+        if (!ok) break;
+        sum_pool.n_workers = i + 1;
+    }
+}
+
 static void column_sums_parallel(const float * q, int64_t hd, int64_t skip, int64_t n_tok, double * sum, double * sq) {
-    enum { MAX_THREADS = 8, MIN_WORK = 1 << 17 };
-    static int64_t n_cpu = 0;
-    if (n_cpu == 0) n_cpu = sysconf(_SC_NPROCESSORS_ONLN) > 0 ? sysconf(_SC_NPROCESSORS_ONLN) : 1;
-    int64_t n_threads = (n_tok - skip) * hd / MIN_WORK;
-    n_threads = n_threads < n_cpu ? n_threads : n_cpu;
-    n_threads = n_threads < MAX_THREADS ? n_threads : MAX_THREADS;
+    pthread_once(&sum_pool.once, start_sum_pool);
+    int64_t n_threads = (n_tok - skip) * hd / MIN_SUM_WORK;
+    n_threads = n_threads < 1 + sum_pool.n_workers ? n_threads : 1 + sum_pool.n_workers;
     n_threads = n_threads < hd / 64 ? n_threads : hd / 64;
-    if (n_threads < 1) n_threads = 1;
-    sums_job jobs[MAX_THREADS];
-    pthread_t tid[MAX_THREADS];
-    bool started[MAX_THREADS] = {false};
+    if (n_threads <= 1 || pthread_mutex_trylock(&sum_pool.busy) != 0) {
+        sums_job all = {q, hd, skip, n_tok, 0, hd, sum, sq};
+        column_sums(&all);
+        return;
+    }
     const int64_t per = (hd / 64 + n_threads - 1) / n_threads * 64;  /* whole blocks per thread */
+    pthread_mutex_lock(&sum_pool.mu);
     for (int64_t i = 0; i < n_threads; ++i) {
         const int64_t b = i * per, e = b + per < hd ? b + per : hd;
-        jobs[i] = (sums_job) {q, hd, skip, n_tok, b < hd ? b : hd, e, sum, sq};
-        if (i > 0) started[i] = pthread_create(&tid[i], NULL, column_sums, &jobs[i]) == 0;
+        sum_pool.jobs[i] = (sums_job) {q, hd, skip, n_tok, b < hd ? b : hd, e, sum, sq};
     }
-    column_sums(&jobs[0]);
-    for (int64_t i = 1; i < n_threads; ++i) {
-        if (started[i]) pthread_join(tid[i], NULL);
-        else column_sums(&jobs[i]);  /* no thread: do its share here */
-    }
+    sum_pool.n_jobs = (int) n_threads;
+    sum_pool.pending = sum_pool.n_workers;
+    sum_pool.generation++;
+    pthread_cond_broadcast(&sum_pool.work);
+    pthread_mutex_unlock(&sum_pool.mu);
+    column_sums(&sum_pool.jobs[0]);
+    pthread_mutex_lock(&sum_pool.mu);
+    while (sum_pool.pending > 0) pthread_cond_wait(&sum_pool.done, &sum_pool.mu);
+    pthread_mutex_unlock(&sum_pool.mu);
+    pthread_mutex_unlock(&sum_pool.busy);
 }
 
 /* Merge queries q [n_tok][H][d] at positions pos0.. (those >= n_sink) into layer il's statistics:
