@@ -287,13 +287,48 @@ class KeyDiff:
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         not_sink = _not_sink(inputs)
         out = np.empty((inputs.n_layer, inputs.n_head_kv, inputs.n_cells), dtype=np.float32)
-        for layer in range(inputs.n_layer):
+
+        def score_layer(layer: int) -> None:
             k = inputs.layer_keys(layer)  # [n, hk, d]
             k = k / np.maximum(np.linalg.norm(k, axis=-1, keepdims=True), 1e-6)
             anchor = k[not_sink].mean(axis=0) if not_sink.any() else k.mean(axis=0)
             anchor = anchor / np.maximum(np.linalg.norm(anchor, axis=-1, keepdims=True), 1e-6)
             out[layer] = -np.einsum("nhd,hd->hn", k, anchor)
+
+        _shim.parallel_map(score_layer, range(inputs.n_layer))
         return _sinks_inf(out, inputs)
+
+
+def _rank_percentile(x: np.ndarray) -> np.ndarray:
+    """Rank of each finite entry among the finite ones, in (0, 1]; infinite entries stay as they are."""
+    out = np.array(x, dtype=np.float64)
+    finite = np.isfinite(out)
+    order = np.argsort(out[finite], kind="stable")
+    ranks = np.empty(len(order))
+    ranks[order] = np.arange(1, len(order) + 1) / max(len(order), 1)
+    out[finite] = ranks
+    return out
+
+
+@dataclass
+class ExpectedAttentionKeyDiff:
+    """Expected Attention and KeyDiff combined per cell: each aggregated over layers and heads
+    ("mean"), turned into rank percentiles, averaged with `weight` on Expected Attention. Expected
+    Attention keeps what the prompt's typical query reads (recent, generic cells), KeyDiff keys
+    that stand out from the rest (where a specific question can single them out); their mistakes
+    differ. One score per cell, the same for every (layer, head)."""
+
+    weight: float = 0.3
+    expected_attention: ExpectedAttention = field(default_factory=ExpectedAttention)
+    name: str = "ea_keydiff"
+
+    def score(self, inputs: ScoreInputs) -> np.ndarray:
+        ea = _rank_percentile(aggregate(self.expected_attention.score(inputs), "mean"))
+        kd = _rank_percentile(aggregate(KeyDiff().score(inputs), "mean"))
+        cells = np.full(inputs.n_cells, np.inf, dtype=np.float32)  # sinks: infinite in both
+        finite = np.isfinite(ea) & np.isfinite(kd)
+        cells[finite] = self.weight * ea[finite] + (1 - self.weight) * kd[finite]
+        return np.broadcast_to(cells, (inputs.n_layer, inputs.n_head_kv, inputs.n_cells)).copy()
 
 
 def _window_attention(inputs: ScoreInputs, layer: int, last: int | None = None) -> np.ndarray:
@@ -424,6 +459,7 @@ PRESSES = {
     "h2o": H2O,
     "knorm": KNorm,
     "keydiff": KeyDiff,
+    "ea_keydiff": ExpectedAttentionKeyDiff,
     "random": RandomPress,
 }
 

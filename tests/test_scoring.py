@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from llamakv.rope import RopeParams
-from llamakv.scoring import PRESSES, TOVA, ExpectedAttention, KNorm, ScoreInputs, SnapKV, aggregate, make_press
+from llamakv.scoring import (PRESSES, TOVA, ExpectedAttention, ExpectedAttentionKeyDiff, KeyDiff, KNorm, ScoreInputs,
+                             SnapKV, aggregate, make_press)
 from llamakv.stats import QueryStats
 from conftest import needle_prompt
 
@@ -201,3 +202,21 @@ def test_every_press_scores_and_compresses(fresh_any):
     n = len(inputs.pos)
     n_keep = n - (n - fresh_any.n_sink - 1) // 2
     np.testing.assert_array_equal(np.sort(kept), np.r_[0:fresh_any.n_sink, n - (n_keep - fresh_any.n_sink):n])
+
+
+def test_ea_keydiff_averages_the_rank_percentiles_of_both(prefilled):
+    inputs = prefilled.score_inputs()
+    ea = aggregate(ExpectedAttention().score(inputs), "mean")
+    kd = aggregate(KeyDiff().score(inputs), "mean")
+    finite = np.isfinite(ea)
+    n = int(finite.sum())
+
+    def percentile(x):  # argsort of argsort: the rank of each entry
+        return (np.argsort(np.argsort(x[finite], kind="stable"), kind="stable") + 1) / n
+
+    for weight in (0.0, 0.3, 1.0):
+        got = ExpectedAttentionKeyDiff(weight=weight).score(prefilled.score_inputs())
+        assert (got == got[:1, :1]).all()  # one score per cell, every (layer, head) the same
+        assert np.isinf(got[0, 0, ~finite]).all()
+        expected = weight * percentile(ea) + (1 - weight) * percentile(kd)
+        np.testing.assert_allclose(got[0, 0, finite], expected, atol=1e-6)
