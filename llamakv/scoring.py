@@ -231,9 +231,10 @@ class ExpectedAttention:
                 vl = inputs.layer_vnorm(layer, _shim.scratch("vnorm", (n, inputs.n_head_kv)))
                 vl = vl if vl.strides[1] == vl.itemsize else np.ascontiguousarray(vl)
                 v, stride = ffi.cast("float *", vl.ctypes.data), vl.strides[0] // vl.itemsize
-            lib.llamakv_ea_attention(_shim.ptr("float *", z), n, inputs.n_head, inputs.n_head_kv,
-                                     _shim.ptr("uint8_t *", scored), v, stride, self.epsilon,
-                                     _shim.ptr("float *", out[layer]))
+            if lib.llamakv_ea_attention(_shim.ptr("float *", z), n, inputs.n_head, inputs.n_head_kv,
+                                        _shim.ptr("uint8_t *", scored), v, stride, self.epsilon,
+                                        _shim.ptr("float *", out[layer])):
+                raise LlamaKVError("out of memory while scoring")
 
         _shim.parallel_map(score_layer, range(inputs.n_layer))
         return out
