@@ -618,6 +618,54 @@ int32_t llamakv_ea_attention(float * z, int64_t n_cells, int32_t n_head, int32_t
     return 0;
 }
 
+static inline float dot_f32(const float * a, const float * b, int32_t n) {
+    v8f acc = {0};
+    int32_t j = 0;
+    for (; j + 8 <= n; j += 8) acc += load8(a + j) * load8(b + j);
+    float s = hsum(acc);
+    for (; j < n; ++j) s += a[j] * b[j];
+    return s;
+}
+
+int32_t llamakv_keydiff_scores(const uint8_t * rows, int32_t type, int64_t row_bytes, int64_t n_cells,
+                               int32_t n_head_kv, int32_t head_dim, const uint8_t * scored, float * out) {
+    if (check_type(type)) return ERR_BAD_TYPE;
+    const int64_t per_row = (int64_t) n_head_kv * head_dim;
+    float * k = malloc(2 * per_row * sizeof(float)), * a = k + per_row;
+    double * sum = calloc(per_row, sizeof(double));
+    if (k == NULL || sum == NULL) { free(k); free(sum); return ERR_NO_MEMORY; }
+    bool any = false;
+    for (int64_t i = 0; i < n_cells; ++i) any = any || scored[i];
+    for (int64_t i = 0; i < n_cells; ++i) {  /* the mean direction of the (scored) keys */
+        if (any && !scored[i]) continue;
+        row_to_float(rows + i * row_bytes, type, per_row, k);
+        for (int32_t h = 0; h < n_head_kv; ++h) {
+            const float * x = k + (int64_t) h * head_dim;
+            const double inv = 1.0 / fmax(sqrt((double) dot_f32(x, x, head_dim)), 1e-6);
+            double * acc = sum + (int64_t) h * head_dim;
+            for (int32_t j = 0; j < head_dim; ++j) acc[j] += x[j] * inv;
+        }
+    }
+    for (int32_t h = 0; h < n_head_kv; ++h) {
+        const double * m = sum + (int64_t) h * head_dim;
+        double sq = 0.0;
+        for (int32_t j = 0; j < head_dim; ++j) sq += m[j] * m[j];
+        const double inv = 1.0 / fmax(sqrt(sq), 1e-30);
+        for (int32_t j = 0; j < head_dim; ++j) a[(int64_t) h * head_dim + j] = (float) (m[j] * inv);
+    }
+    for (int64_t i = 0; i < n_cells; ++i) {  /* minus the cosine to it */
+        row_to_float(rows + i * row_bytes, type, per_row, k);
+        for (int32_t h = 0; h < n_head_kv; ++h) {
+            const float * x = k + (int64_t) h * head_dim;
+            const float norm = sqrtf(dot_f32(x, x, head_dim));
+            out[(int64_t) h * n_cells + i] = -dot_f32(x, a + (int64_t) h * head_dim, head_dim) / fmaxf(norm, 1e-6f);
+        }
+    }
+    free(k);
+    free(sum);
+    return 0;
+}
+
 int32_t llamakv_value_norms(const uint8_t * data, int32_t type, int64_t row_bytes, int64_t n_cells,
                             int32_t n_head_kv, int32_t head_dim, int32_t transposed, float * out) {
     if (check_type(type)) return ERR_BAD_TYPE;

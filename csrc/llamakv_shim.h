@@ -77,6 +77,12 @@ int32_t llamakv_ea_logits(const uint8_t * rows, int32_t type, int64_t row_bytes,
 int32_t llamakv_ea_attention(float * z, int64_t n_cells, int32_t n_head, int32_t n_head_kv, const uint8_t * scored,
                              const float * vnorm, int64_t vnorm_stride, float epsilon, float * out);
 
+/* KeyDiff's scores of one layer: minus the cosine between each key head and the normalised mean
+ * of the normalised keys of that head over the cells with scored[i] != 0 (all, if none is).
+ * out [n_head_kv][n_cells]. */
+int32_t llamakv_keydiff_scores(const uint8_t * rows, int32_t type, int64_t row_bytes, int64_t n_cells,
+                               int32_t n_head_kv, int32_t head_dim, const uint8_t * scored, float * out);
+
 /* L2 norm of each value head of each cell: out [n_cells][n_head_kv]. V as rows (one per cell)
  * or transposed (one row of n_cells elements per dimension, `row_bytes` apart). */
 int32_t llamakv_value_norms(const uint8_t * data, int32_t type, int64_t row_bytes, int64_t n_cells,

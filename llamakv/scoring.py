@@ -286,15 +286,16 @@ class KeyDiff:
     name: str = "keydiff"
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
-        not_sink = _not_sink(inputs)
+        scored = np.ascontiguousarray(_not_sink(inputs), dtype=np.uint8)
         out = np.empty((inputs.n_layer, inputs.n_head_kv, inputs.n_cells), dtype=np.float32)
+        lib = _shim.load().lib
 
-        def score_layer(layer: int) -> None:
-            k = inputs.layer_keys(layer)  # [n, hk, d]
-            k = k / np.maximum(np.linalg.norm(k, axis=-1, keepdims=True), 1e-6)
-            anchor = k[not_sink].mean(axis=0) if not_sink.any() else k.mean(axis=0)
-            anchor = anchor / np.maximum(np.linalg.norm(anchor, axis=-1, keepdims=True), 1e-6)
-            out[layer] = -np.einsum("nhd,hd->hn", k, anchor)
+        def score_layer(layer: int) -> None:  # in C: numpy's float32 copy of every key was slow
+            lt = inputs.state.k[layer]
+            if inputs.n_cells and lib.llamakv_keydiff_scores(
+                    _shim.ptr("uint8_t *", lt.data), lt.type, lt.row_bytes, inputs.n_cells, inputs.n_head_kv,
+                    inputs.head_dim, _shim.ptr("uint8_t *", scored), _shim.ptr("float *", out[layer])):
+                raise LlamaKVError(f"cannot read keys of ggml type {lt.type}")
 
         _shim.parallel_map(score_layer, range(inputs.n_layer))
         return _sinks_inf(out, inputs)

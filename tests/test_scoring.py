@@ -220,3 +220,17 @@ def test_ea_keydiff_averages_the_rank_percentiles_of_both(prefilled):
         assert np.isinf(got[0, 0, ~finite]).all()
         expected = weight * percentile(ea) + (1 - weight) * percentile(kd)
         np.testing.assert_allclose(got[0, 0, finite], expected, atol=1e-6)
+
+
+def test_keydiff_equals_numpy_formula(prefilled):
+    inputs = prefilled.score_inputs()
+    got = KeyDiff().score(inputs)
+    not_sink = inputs.pos >= prefilled.n_sink
+    for layer in (0, prefilled.n_layer - 1):
+        k = inputs.layer_keys(layer).astype(np.float64)  # [n, Hk, d]
+        k /= np.maximum(np.linalg.norm(k, axis=-1, keepdims=True), 1e-6)
+        anchor = k[not_sink].mean(axis=0)
+        anchor /= np.linalg.norm(anchor, axis=-1, keepdims=True)
+        ref = -np.einsum("nhd,hd->hn", k, anchor)
+        np.testing.assert_allclose(got[layer][:, not_sink], ref[:, not_sink], rtol=1e-4, atol=1e-5)
+    assert np.isinf(got[:, :, ~not_sink]).all()
