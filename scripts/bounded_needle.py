@@ -48,7 +48,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llamakv import KVSession
-from llamakv.eval.run import _tokens, encode, finish_plot, split_prompt, token_counter
+from llamakv.eval.run import _fmt_s, _tokens, encode, finish_plot, model_label, split_prompt, token_counter
 from llamakv.eval.tasks import TASKS, generate_sample, score
 from llamakv.scoring import AGGREGATIONS, PRESSES, make_press
 
@@ -427,10 +427,6 @@ def plot(rows: list[dict], path: Path, title: str, budget: int) -> None:
     finish_plot(fig, ax, title, path)
 
 
-def _fmt_s(s: float) -> str:
-    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
-
-
 def describe_machine(threads: int) -> str:
     try:
         llama_version = metadata.version("llama_cpp_python")
@@ -460,7 +456,7 @@ def main(argv=None) -> int:
     depths = [round(d, 1) for d in depths]
     lengths = [m * budget for m in sorted(set(args.multiples))]
     model = args.model or args.model_pos
-    label = (Path(model).stem if str(model).endswith(".gguf") else str(model)) if model else "smollm2-135m-instruct"
+    label = model_label(model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or f"{label}_B{budget}"

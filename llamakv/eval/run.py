@@ -196,6 +196,13 @@ def _fmt_s(s: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
+def model_label(model) -> str:
+    """How results name a model: a registry name as it is, a GGUF path by its file name."""
+    if not model:
+        return "smollm2-135m-instruct"
+    return Path(model).stem if str(model).endswith(".gguf") else str(model)
+
+
 # -- outputs --------------------------------------------------------------------------------
 def write_csv(rows: Sequence[dict], path: Path) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
@@ -389,7 +396,7 @@ def cmd_eval(args) -> int:
         _log(f"samples written to {args.dump_samples}")
     if args.generate_only:
         return 0
-    label = (Path(model).stem if str(model).endswith(".gguf") else str(model)) if model else "smollm2-135m-instruct"
+    label = model_label(model)
     settings = (("epsilon", args.epsilon), ("n_future_positions", args.n_future))
     rows = run_eval(session, samples, methods=methods, ratios=ratios, aggregations=aggs, modes=modes,
                     kl_tokens=args.kl_tokens, chat=chat, model=label, max_new_tokens=args.max_new_tokens,
