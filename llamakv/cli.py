@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("-f", "--file", help="read the prompt from a file")
     c.add_argument("-q", "--question", help="asked after compression (default with the sample "
                                             "document: its sample question)")
+    c.add_argument("--question-aware", action="store_true",
+                   help="compress with --question in view: it is decoded after the prompt for the scoring only "
+                        "(and at each compression of a streamed prompt), the cells it attends to are kept next "
+                        "to the method's choice, then it is asked as usual. Default: query-agnostic, the cache "
+                        "serves any question (e.g. a saved state)")
     c.add_argument("--save", metavar="PATH", help="save the compressed state here (reload with `llamakv ask`)")
     c.add_argument("--method", default="expected_attention", choices=sorted(PRESSES), help="scoring method")
     c.add_argument("--aggregation", default="mean", choices=AGGREGATIONS,
@@ -177,6 +182,8 @@ def cmd_compress(args) -> int:
         question = question or _data("sample_question.txt").strip()
     if not context.strip():
         raise LlamaKVError("the prompt is empty")
+    if args.question_aware and not question:
+        raise LlamaKVError("--question-aware needs a --question")
 
     session = _open_session(args, n_sink=args.n_sink, full_covariance=args.full_covariance)
     method_kw = dict(n_future_positions=args.n_future, epsilon=args.epsilon, full_covariance=args.full_covariance)
@@ -189,12 +196,14 @@ def cmd_compress(args) -> int:
         if not args.json:
             print(f"llamakv: the prompt ({len(tokens)} tokens) does not fit the cache with room for the answer: "
                   f"streaming it through {budget} cells (-c / --budget)", file=sys.stderr)
+    guide = session.tokenize(template.format(question=question)) if args.question_aware else None
     t0 = time.perf_counter()
-    session.prefill(tokens, progress=Progress("prefill", quiet=args.json), budget=budget, target=args.target)
+    session.prefill(tokens, progress=Progress("prefill", quiet=args.json), budget=budget, target=args.target,
+                    question=guide)
     prefill_s = time.perf_counter() - t0
     streamed = len(session.reports)
     report = session.compress(args.ratio, press=press, aggregation=args.aggregation,
-                              compact=not args.no_compact)
+                              compact=not args.no_compact, question=guide)
     saved = None
     if args.save:
         saved = session.save(args.save, extra={"template": template})

@@ -408,6 +408,30 @@ class H2O:
         return _sinks_inf(out.astype(np.float32), inputs)
 
 
+@dataclass
+class QuestionAware:
+    """A known question's look at the cells, next to another press (query-aware compression
+    where the question is known but not yet in its place, e.g. at the end of a prompt that streams
+    through a bounded cache): the attention of the question's queries, SnapKV-style (mean over
+    them, max-pooled over `kernel` positions), and the base press's scores, each aggregated per
+    cell ("mean") and turned into rank percentiles; a cell scores the larger of the two, so it is
+    kept if either ranks it high. The question must be the newest `n_question` captured queries."""
+
+    base: Press
+    n_question: int
+    kernel: int = 5
+    name: str = ""
+
+    def __post_init__(self):
+        self.name = self.name or f"{self.base.name}+question"
+
+    def score(self, inputs: ScoreInputs) -> np.ndarray:
+        base = _rank_percentile(aggregate(self.base.score(inputs), "mean"))
+        asked = _rank_percentile(aggregate(SnapKV(window=self.n_question, kernel=self.kernel).score(inputs), "mean"))
+        cells = np.maximum(base, asked).astype(np.float32)  # sinks: infinite in both
+        return np.broadcast_to(cells, (inputs.n_layer, inputs.n_head_kv, inputs.n_cells)).copy()
+
+
 AGGREGATIONS = ("mean", "max", "votes")
 
 

@@ -14,7 +14,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -27,7 +27,7 @@ from ._shim import HostBuffer
 from .capture import Capture
 from .errors import CacheFullError, LlamaKVError, ModelError, StateError, UnsupportedModelError
 from .models import check_gguf, resolve_model
-from .scoring import ExpectedAttention, Press, ScoreInputs, aggregate
+from .scoring import ExpectedAttention, Press, QuestionAware, ScoreInputs, aggregate
 
 # architectures whose pre-RoPE query is `Qcur-N` (RESHAPE, or VIEW with fused QKV) and whose
 # attention scale is 1/sqrt(head_dim); value: the query tensor is the QK-normed one
@@ -66,6 +66,7 @@ class CompressionReport:
     eviction_s: float
     compaction_s: float
     n_kv_before: int
+    question_tokens: int = 0  # a question decoded for the scoring only, then removed (not in the cells above)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -73,7 +74,8 @@ class CompressionReport:
     def format(self) -> str:
         mib = lambda b: b / 2**20  # noqa: E731
         return "\n".join([
-            f"method        {self.method} (aggregation: {self.aggregation}), ratio {self.ratio:g}",
+            f"method        {self.method} (aggregation: {self.aggregation}), ratio {self.ratio:g}"
+            + (f", guided by a {self.question_tokens}-token question" if self.question_tokens else ""),
             f"cells         {self.cells_before} -> {self.cells_after} ({self.evicted} evicted in {self.runs} runs)",
             f"KV bytes      {mib(self.kv_bytes_before):.2f} MiB -> {mib(self.kv_bytes_after):.2f} MiB",
             f"time          capture {self.capture_s * 1e3:.1f} ms, state read {self.state_read_s * 1e3:.1f} ms, "
@@ -265,11 +267,12 @@ class KVSession:
         return self.n_ctx - self.n_cells
 
     def _decode(self, tokens: Sequence[int], *, progress: ProgressFn | None = None, capture: bool = True,
-                prompt: tuple[int, int] | None = None, stats_last: bool = False) -> None:
+                prompt: tuple[int, int] | None = None, stats_last: bool = False, stats: bool = True) -> None:
         """Decode tokens at the next positions, in ubatch-sized calls; logits of the last one.
         Queries are captured (see stats_window, stats_sample, window) unless `capture` is False.
         `prompt` = (tokens before these, tokens in all) when these are a chunk of a longer prompt;
-        `stats_last`: the last ubatch feeds the statistics even if the sample would skip it."""
+        `stats_last`: the last ubatch feeds the statistics even if the sample would skip it;
+        `stats` False: only the window of recent queries is captured."""
         n = len(tokens)
         before, total = prompt or (0, n)
         first = 0 if self.stats_window is None else max(0, total - self.stats_window)  # first token in the stats
@@ -299,10 +302,10 @@ class KVSession:
             b.n_tokens = m
             a = before + done  # the ubatch holds prompt tokens a .. a + m - 1
             after = total - a - m
-            stats = max(0, min(m, a + m - first))
+            rows = max(0, min(m, a + m - first)) if stats else 0
             if anchors is not None and not any(a <= x < a + m for x in anchors) and not (stats_last and done + m == n):
-                stats = 0
-            wanted = cap.begin_ubatch(self.next_pos, m, stats if capture else 0,
+                rows = 0
+            wanted = cap.begin_ubatch(self.next_pos, m, rows if capture else 0,
                                       cap.window_cap - after if capture else 0)
             self._switch.set(wanted or cap.probing)
             rc = llama_cpp.llama_decode(self.ctx, b)
@@ -321,7 +324,8 @@ class KVSession:
                 progress(done, n)
 
     def prefill(self, prompt: str | Sequence[int], *, progress: ProgressFn | None = None,
-                budget: int | None = None, target: int | None = None) -> int:
+                budget: int | None = None, target: int | None = None,
+                question: str | Sequence[int] | None = None) -> int:
         """Append text (tokenized with special tokens) or token ids; returns the number of tokens.
 
         With a `budget` (cells, at most n_ctx) a prompt of any length streams through the cache:
@@ -329,7 +333,9 @@ class KVSession:
         next chunk would not fit, the cache is compressed down to `target` cells (default half the
         budget) with the session's press, keeping the sinks and the newest `recent` tokens; the
         query statistics accumulate over the whole prompt (the sample of `stats_sample` plus the
-        chunk before each compression). Each compression's report is appended to `reports`."""
+        chunk before each compression). Each compression's report is appended to `reports`.
+        `question`: what will be asked after the prompt, if known: each compression is guided by
+        it as in compress(); its tokens count against the budget while they are decoded."""
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if not tokens:
             raise ValueError("empty prompt: nothing to prefill")
@@ -337,20 +343,25 @@ class KVSession:
             self._decode(tokens, progress=progress)
             return len(tokens)
         budget, target = self._bounds(budget, target)
-        step = min(self.n_ubatch, budget - target)
+        question = self._question_tokens(question)
+        room = budget - len(question)  # what the prompt's cells may fill before a compression
+        if room - target < 1:
+            raise ValueError(f"a {len(question)}-token question leaves no room between the target ({target}) "
+                             f"and the budget ({budget}): lower the target or shorten the question")
+        step = min(self.n_ubatch, room - target)
         done = 0
         while done < len(tokens):
             chunk = tokens[done:done + step]
-            if self.n_cells + len(chunk) > budget:
+            if self.n_cells + len(chunk) > room:
                 # the cells kept now will be read by the queries of the rest of the prompt and of
                 # the answer, within the model's context: averaged over the next 512 positions,
                 # RoPE favours recent cells at every compression and old ones (a needle) are lost
-                self.compress_to(target, n_future=len(tokens) - done + self.n_ctx_train)
+                self.compress_to(target, n_future=len(tokens) - done + self.n_ctx_train, question=question)
             following = len(tokens[done + step:done + 2 * step])
             # the chunk before a compression always feeds the statistics: a sample spread over the
             # whole prompt may have none before the first compression
             self._decode(chunk, prompt=(done, len(tokens)),
-                         stats_last=following > 0 and self.n_cells + len(chunk) + following > budget)
+                         stats_last=following > 0 and self.n_cells + len(chunk) + following > room)
             done += len(chunk)
             if progress:
                 progress(done, len(tokens))
@@ -367,11 +378,11 @@ class KVSession:
         return budget, target
 
     def compress_to(self, n_cells: int, *, press: Press | None = None, aggregation: str | None = None,
-                    compact: bool = True, protect_recent: int | None = None,
-                    n_future: int = 0) -> CompressionReport | None:
+                    compact: bool = True, protect_recent: int | None = None, n_future: int = 0,
+                    question: str | Sequence[int] | None = None) -> CompressionReport | None:
         """Compress down to `n_cells` cells, or as close as the protected cells allow (None if
         nothing is to go), keeping the sinks and the newest `protect_recent` positions (default
-        `recent`). `n_future`: as in compress()."""
+        `recent`). `n_future`, `question`: as in compress()."""
         protect = max(1, self.recent if protect_recent is None else protect_recent)
         pos = self._pos_buf[:self.n_cells]
         candidates = int(np.count_nonzero((pos >= self.n_sink) & (pos < self.next_pos - protect)))
@@ -380,7 +391,7 @@ class KVSession:
             return None
         ratio = min((n_evict + 0.5) / candidates, (candidates - 0.5) / candidates)
         return self.compress(ratio, press=press, aggregation=aggregation, compact=compact, protect_recent=protect,
-                             n_future=n_future)
+                             n_future=n_future, question=question)
 
     @property
     def positions(self) -> np.ndarray:
@@ -418,11 +429,17 @@ class KVSession:
                            n_future=n_future)
 
     def compress(self, ratio: float, *, press: Press | None = None, aggregation: str | None = None,
-                 compact: bool = True, protect_recent: int = 1, n_future: int = 0) -> CompressionReport:
+                 compact: bool = True, protect_recent: int = 1, n_future: int = 0,
+                 question: str | Sequence[int] | None = None) -> CompressionReport:
         """Evict `ratio` of the compressible cells (all but the sinks and the `protect_recent`
         newest positions, e.g. a question already in the cache), those with the lowest
         aggregated score; then compact the cache so n_kv shrinks. `n_future`: future positions
-        whose queries will read the cells, where known (a streamed prompt; 0: the press's own)."""
+        whose queries will read the cells, where known (a streamed prompt; 0: the press's own).
+
+        `question` (text or token ids): what will be asked next, if known. It is decoded after
+        the cells for the scoring only and removed again: the cells its queries attend to are
+        kept next to the press's choice (scoring.QuestionAware), and the question is prefilled
+        later where it belongs. Its tokens need free cells while they are decoded."""
         if not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0) or math.isnan(ratio):
             raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
         press = press or self.press
@@ -431,6 +448,10 @@ class KVSession:
             raise LlamaKVError("nothing to compress: prefill a prompt first")
         if not self.capture.stats.count.any():
             raise LlamaKVError("no queries were captured: prefill with capture enabled before compressing")
+        question = self._question_tokens(question)
+        if question:
+            return self._compress_with_question(question, ratio, press, aggregation, compact, protect_recent,
+                                                n_future)
         n_kv_before = int(self.capture.n_kv.max())
 
         t0 = time.perf_counter()
@@ -472,6 +493,36 @@ class KVSession:
         self._capture_mark = self.capture.capture_seconds
         self.reports.append(self.last_report)
         return self.last_report
+
+    def _question_tokens(self, question: str | Sequence[int] | None) -> list[int]:
+        if question is None:
+            return []
+        tokens = self.tokenize(question) if isinstance(question, str) else list(question)
+        if isinstance(question, str) and not tokens:
+            raise ValueError("empty question")
+        return tokens
+
+    def _compress_with_question(self, question: list[int], ratio: float, press: Press, aggregation: str,
+                                compact: bool, protect_recent: int, n_future: int) -> CompressionReport:
+        if len(question) > self.free_cells:
+            raise CacheFullError(f"the {len(question)}-token question does not fit in the {self.free_cells} "
+                                 f"free cells it is decoded into while the cache is compressed")
+        start, bytes_before = self.next_pos, self.cache.state_size()
+        recent = self.capture.recent_queries()  # a copy: the question's queries take their place
+        try:
+            self._decode(question, stats=False)
+            n_question = min(len(question), self.capture.window_len)
+            self.compress(ratio, press=QuestionAware(press, n_question), aggregation=aggregation, compact=compact,
+                          protect_recent=max(1, protect_recent) + len(question), n_future=n_future)
+        finally:
+            self.truncate(start)  # the logits are the question's now: generating needs a prompt again
+            self.capture.set_recent_queries(*recent)
+        r = replace(self.last_report, cells_before=self.last_report.cells_before - len(question),
+                    cells_after=self.n_cells, kv_bytes_before=bytes_before, kv_bytes_after=self.cache.state_size(),
+                    protected_cells=self.last_report.protected_cells - len(question),
+                    question_tokens=len(question))
+        self.last_report = self.reports[-1] = r
+        return r
 
     # -- generation ------------------------------------------------------------------------
     def _sampler(self, temperature: float, top_k: int, top_p: float, seed: int):

@@ -54,9 +54,9 @@ from llamakv.scoring import AGGREGATIONS, PRESSES, make_press
 
 DEFAULT_METHODS = ["full", "expected_attention", "streaming_llm"]
 CSV_FIELDS = ["model", "budget", "multiple", "length", "n_tokens", "sample", "depth", "needle_pos", "method",
-              "press", "aggregation", "target", "recent", "pool", "memory", "press_kwargs", "score", "value_kept",
+              "press", "aggregation", "target", "recent", "pool", "question", "press_kwargs", "score", "value_kept",
               "needle_kept", "cells", "compressions", "seconds", "answer"]
-METHOD_KEYS = ("aggregation", "press_kwargs", "target", "recent", "pool", "memory", "label")
+METHOD_KEYS = ("aggregation", "press_kwargs", "target", "recent", "pool", "question", "label")
 
 
 def log(msg: str) -> None:
@@ -147,9 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", action=_SettingAction, type=int, metavar="K",
                    help="experimental: max-pool each head's scores over K neighbouring positions before the "
                         "cells are ranked (keeps a needle's tokens together; SnapKV does this with K=5)")
-    p.add_argument("--memory", action=_FlagAction,
-                   help="experimental: a cell's score is the best share it had at any compression of this "
-                        "prompt (a needle found important once stays)")
+    p.add_argument("--question", action=_FlagAction,
+                   help="guide each compression by the sample's question (the prompt's tail, known in advance: "
+                        "KVSession.prefill(question=...))")
     p.add_argument("--label", action=_SettingAction, help="the method's name in the results")
     p.add_argument("--max-new-tokens", type=int, default=32,
                    help="answer tokens (default 32: the answer prefix ends just before the number)")
@@ -175,8 +175,6 @@ def method_configs(args, budget: int) -> list[dict]:
             cfg["press"] = make_press(cfg["method"], **(cfg["press_kwargs"] or {}))  # fails early
             if cfg["pool"] and cfg["pool"] > 1:
                 cfg["press"] = Pooled(cfg["press"], cfg["pool"])
-            if cfg["memory"]:
-                cfg["press"] = Memory(cfg["press"])
             t = cfg["target"] if cfg["target"] is not None else 0.5
             cfg["target_cells"] = round(t * budget) if t < 1 else int(t)
             cfg["aggregation"] = cfg["aggregation"] or "mean"
@@ -192,8 +190,8 @@ def method_configs(args, budget: int) -> list[dict]:
                     parts.append(f"recent={cfg['recent']}")
                 if cfg["pool"]:
                     parts.append(f"pool={cfg['pool']}")
-                if cfg["memory"]:
-                    parts.append("memory")
+                if cfg["question"]:
+                    parts.append("question")
             cfg["label"] = " ".join(parts)
         out.append(cfg)
     labels = [c["label"] for c in out]
@@ -224,40 +222,6 @@ class Pooled:
         out[:, :, order] = pooled
         out[sink] = np.inf
         return out
-
-
-class Memory:
-    """A press that remembers, per (layer, head, position), the best share of the attention a cell
-    was given at any compression since reset() (share x cells, 1 = uniform), and scores a cell by
-    the larger of that and its share now."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.name = f"{inner.name}+memory"
-        self.best = None
-
-    def reset(self) -> None:
-        self.best = None
-
-    def score(self, inputs):
-        import numpy as np
-
-        s = np.array(self.inner.score(inputs), dtype=np.float32)
-        finite = np.isfinite(s).all(axis=(0, 1))
-        pos = inputs.pos[finite]
-        if not len(pos):
-            return s
-        x = s[:, :, finite]
-        share = x / np.maximum(x.sum(axis=-1, keepdims=True), 1e-30) * len(pos)
-        top = int(inputs.pos.max()) + 1
-        if self.best is None or self.best.shape[:2] != share.shape[:2]:
-            self.best = np.zeros((*share.shape[:2], top), dtype=np.float32)
-        elif self.best.shape[-1] < top:
-            self.best = np.pad(self.best, ((0, 0), (0, 0), (0, top - self.best.shape[-1])))
-        combined = np.maximum(share, self.best[:, :, pos])
-        self.best[:, :, pos] = combined
-        s[:, :, finite] = combined
-        return s
 
 
 # -- one sample -------------------------------------------------------------------------------
@@ -293,8 +257,6 @@ def run_sample(session, sample, cfgs, budget: int, max_new: int, emit) -> None:
     recent = session.recent
     for cfg in cfgs:
         session.restore(snap)
-        if hasattr(cfg.get("press"), "reset"):
-            cfg["press"].reset()
         n_reports = len(session.reports)
         t0 = time.perf_counter()
         if cfg["method"] == "full":
@@ -305,7 +267,7 @@ def run_sample(session, sample, cfgs, budget: int, max_new: int, emit) -> None:
             session.press, session.aggregation = cfg["press"], cfg["aggregation"]
             session.recent = recent if cfg["recent"] is None else cfg["recent"]
             target = cfg["target_cells"]
-            session.prefill(rest, budget=budget, target=target)
+            session.prefill(rest, budget=budget, target=target, question=q if cfg["question"] else None)
             positions = session.positions
             answer = session.generate(max_tokens=max_new, temperature=0.0, budget=budget, target=target)
         seconds = prefix_s + time.perf_counter() - t0
@@ -313,7 +275,7 @@ def run_sample(session, sample, cfgs, budget: int, max_new: int, emit) -> None:
         emit({"n_tokens": len(tokens), "needle_pos": sentence.start, "method": cfg["label"],
               "press": cfg["method"], "aggregation": cfg["aggregation"] or "",
               "target": cfg.get("target_cells", ""), "recent": cfg["recent"] if cfg["recent"] is not None else "",
-              "pool": cfg["pool"] or "", "memory": int(bool(cfg["memory"])) if cfg["memory"] else "",
+              "pool": cfg["pool"] or "", "question": 1 if cfg["question"] else "",
               "press_kwargs": json.dumps(cfg["press_kwargs"]) if cfg["press_kwargs"] else "",
               "score": score(sample.task, answer, sample.outputs), "value_kept": kept(positions, value),
               "needle_kept": kept(positions, sentence), "cells": len(positions),

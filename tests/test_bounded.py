@@ -34,6 +34,24 @@ def test_prompt_three_times_the_cache(tiny):
     assert tiny.generate(max_tokens=4, budget=256, target=128)  # and decoding goes on from there
 
 
+def test_streamed_prompt_guided_by_a_question(tiny):
+    """prefill(question=...): every compression decodes the question after the cells and removes
+    it again; with it the cache never holds more than the budget."""
+    tiny.reset()
+    question = list(range(1200, 1240))
+    tokens = list(range(300, 300 + 3 * 256))
+    tiny.prefill(tokens, budget=256, target=128, question=question)
+    assert tiny.next_pos == len(tokens)
+    assert len(tiny.reports) >= 4
+    for r in tiny.reports:
+        assert r.question_tokens == 40 and r.cells_after == 128 and r.cells_before + 40 <= 256
+    check_cache(tiny, 256)
+    tiny.reset()
+    with pytest.raises(ValueError, match="question"):  # refused before anything is decoded
+        tiny.prefill(tokens, budget=256, target=200, question=list(range(1200, 1260)))
+    assert tiny.n_cells == 0
+
+
 def test_sampled_statistics_exist_at_every_compression(tiny):
     """With a sample of the prompt's queries (one ubatch of 64 tokens of 768 here, the last), the
     chunk before each compression feeds the statistics too: every compression has statistics, from

@@ -24,11 +24,11 @@ def test_bounded_needle_script(tiny_gguf, tmp_path, capsys):
     argv = [str(tiny_gguf), "--budget", "192", "--multiples", "2", "-n", "2", "--max-new-tokens", "4",
             "--out", str(tmp_path), "--name", "tiny",
             "--method", "full", "--method", "expected_attention", "--aggregation", "votes",
-            "--press-kwargs", '{"epsilon": 0.001}', "--target", "0.75", "--pool", "3", "--memory",
+            "--press-kwargs", '{"epsilon": 0.001}', "--target", "0.75", "--pool", "3", "--question",
             "--method", "streaming_llm"]
     assert bn.main(argv) == 0
     rows = _rows(tmp_path / "tiny.csv")
-    labels = ["full", "expected_attention votes epsilon=0.001 T=144 pool=3 memory", "streaming_llm"]
+    labels = ["full", "expected_attention votes epsilon=0.001 T=144 pool=3 question", "streaming_llm"]
     assert [r["method"] for r in rows[:3]] == labels
     assert len(rows) == 2 * 3
     assert {float(r["depth"]) for r in rows} == {10.0, 90.0}
@@ -39,7 +39,7 @@ def test_bounded_needle_script(tiny_gguf, tmp_path, capsys):
         else:
             assert int(r["cells"]) <= 192 and int(r["compressions"]) >= 1
     md = (tmp_path / "tiny.md").read_text()
-    assert "| expected_attention votes epsilon=0.001 T=144 pool=3 memory |" in md and "2x = 384" in md
+    assert "| expected_attention votes epsilon=0.001 T=144 pool=3 question |" in md and "2x = 384" in md
     assert (tmp_path / "tiny.png").stat().st_size > 0
     assert bn.main(argv + ["--resume"]) == 0  # nothing left to run
     assert len(_rows(tmp_path / "tiny.csv")) == len(rows)

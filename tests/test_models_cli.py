@@ -87,6 +87,20 @@ def test_cli_long_prompt_streams_through_the_cache():
     out = json.loads(r.stdout)
     assert out["prompt_tokens"] > 512 and out["prefill_compressions"]
     assert out["report"]["cells_before"] <= 512
+    r = run_cli("compress", "-p", "Filler sentence here. " * 160, "--ratio", "0.5", "-c", "512", "-b", "128",
+                "--no-chat", "--json", "-q", "Anything?", "-n", "8", "--question-aware")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["prefill_compressions"] and all(c["question_tokens"] > 0 for c in out["prefill_compressions"])
+
+
+def test_cli_question_aware_keeps_what_the_question_needs():
+    """The default document's answer (4 digit tokens in 2.2k tokens of prose) at ratio 0.5: the
+    question, decoded for the scoring, keeps the digits that query-agnostic scores evict."""
+    r = run_cli("compress", "--ratio", "0.5", "-n", "16", "--question-aware", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["report"]["question_tokens"] > 0 and "7294" in out["answer"]
 
 
 def test_cli_default_document_runs():
@@ -102,6 +116,7 @@ def test_cli_default_document_runs():
     (["compress", "-f", "/no/such/prompt.txt"], "no such prompt file"),
     (["compress", "-p", "   "], "the prompt is empty"),
     (["compress", "--stats-sample", "-5", "-p", "x"], "must be 0 or more"),
+    (["compress", "--question-aware", "-p", "x"], "needs a --question"),
 ])
 def test_cli_bad_input(args, message):
     r = run_cli(*args)

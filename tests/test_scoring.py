@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from llamakv.rope import RopeParams
-from llamakv.scoring import (PRESSES, TOVA, ExpectedAttention, ExpectedAttentionKeyDiff, KeyDiff, KNorm, ScoreInputs,
-                             SnapKV, aggregate, make_press)
+from llamakv.scoring import (PRESSES, TOVA, ExpectedAttention, ExpectedAttentionKeyDiff, KeyDiff, KNorm,
+                             QuestionAware, ScoreInputs, SnapKV, aggregate, make_press)
 from llamakv.stats import QueryStats
 from conftest import needle_prompt
 
@@ -220,6 +220,23 @@ def test_ea_keydiff_averages_the_rank_percentiles_of_both(prefilled):
         assert np.isinf(got[0, 0, ~finite]).all()
         expected = weight * percentile(ea) + (1 - weight) * percentile(kd)
         np.testing.assert_allclose(got[0, 0, finite], expected, atol=1e-6)
+
+
+def test_question_aware_keeps_the_better_rank_of_both(prefilled):
+    """QuestionAware: per cell, the larger of the base press's and the question's (SnapKV over the
+    newest queries) rank percentiles, both after mean aggregation."""
+    inputs = prefilled.score_inputs()
+    base = aggregate(ExpectedAttention().score(inputs), "mean")
+    asked = aggregate(SnapKV(window=8, kernel=5).score(inputs), "mean")
+    finite = np.isfinite(base)
+    n = int(finite.sum())
+
+    def percentile(x):
+        return (np.argsort(np.argsort(x[finite], kind="stable"), kind="stable") + 1) / n
+
+    got = QuestionAware(ExpectedAttention(), n_question=8).score(prefilled.score_inputs())
+    assert (got == got[:1, :1]).all() and np.isinf(got[0, 0, ~finite]).all()
+    np.testing.assert_allclose(got[0, 0, finite], np.maximum(percentile(base), percentile(asked)), atol=1e-6)
 
 
 def test_keydiff_equals_numpy_formula(prefilled):

@@ -68,6 +68,31 @@ def test_compress_half_frees_the_expected_cells(needle_session):
     assert n_kv_after == 256 * math.ceil((expected + 1) / 256) < n_kv_before
 
 
+def test_question_guided_compression_leaves_no_trace_of_the_question(needle_session):
+    """compress(question=...): the question is decoded for the scoring and removed again: the
+    cells, positions, statistics and recent queries are as if it had never been there."""
+    s, snap, question, answer = needle_session
+    s.restore(snap)
+    n, next_pos = s.n_cells, s.next_pos
+    count = s.capture.stats.count.copy()
+    recent_q, recent_pos = s.capture.recent_queries()
+    q = s.tokenize(question)
+    report = s.compress(0.5, question=q)
+    assert report.question_tokens == len(q) and report.method == "expected_attention+question"
+    assert report.cells_before == n and report.cells_after == s.n_cells == n - math.floor(0.5 * (n - s.n_sink - 1))
+    held = state_positions(s.cache.get_state())
+    np.testing.assert_array_equal(np.sort(held), s.positions)
+    assert s.next_pos == next_pos and held.max() == next_pos - 1  # the newest prompt cell, not the question's
+    assert report.kv_bytes_after == s.cache.state_size()
+    np.testing.assert_array_equal(s.capture.stats.count, count)  # the question fed no statistics
+    q_after, pos_after = s.capture.recent_queries()
+    np.testing.assert_array_equal(pos_after, recent_pos)
+    np.testing.assert_array_equal(q_after, recent_q)
+    with pytest.raises(ValueError, match="nothing to continue from"):
+        s.generate(max_tokens=1)  # the logits were the question's: the question must be prefilled
+    assert answer in s.generate(question, max_tokens=32)
+
+
 def test_without_compaction_n_kv_stays(needle_session):
     s, snap, _, _ = needle_session
     s.restore(snap)

@@ -5,7 +5,10 @@ aggregation, mode) restores the snapshot, compresses, and answers greedily:
   agnostic (default): compress the context, then add the question and generate;
   aware: prefill context + question (all but its last token), compress keeping the question's
          cells (`protect_recent`), then feed the last token and generate, so that even the first
-         answer token is computed from the compressed cache.
+         answer token is computed from the compressed cache;
+  guided: compress the context with the question decoded after it for the scoring only
+          (`compress(question=...)`: the cells it attends to are kept next to the method's
+          choice; then it is removed), then add the question and generate.
 The full cache (ratio 0, method "full") is run once per sample. The KL proxy compares, token by
 token, the next-token distributions of the full and the compressed cache over the full cache's
 own answer (teacher-forced): first the distribution right after the question, then after each
@@ -30,7 +33,7 @@ from ..scoring import AGGREGATIONS, make_press
 from .tasks import TASKS, Sample, expand_tasks, generate_samples, load_samples, score
 
 SPLIT = "\x00llamakv-eval-question\x00"
-MODES = ("agnostic", "aware")
+MODES = ("agnostic", "aware", "guided")
 CSV_FIELDS = ["model", "task", "sample", "method", "ratio", "aggregation", "mode", "score", "kl", "cells",
               "seconds", "n_tokens", "answer"]
 
@@ -175,13 +178,13 @@ def run_eval(session, samples: Sequence[Sample], *, methods: Sequence[str] = ("e
             snaps["aware"] = session.snapshot()
 
         for method, ratio, agg, mode in configs:
-            session.restore(snaps[mode])
+            session.restore(snaps["aware" if mode == "aware" else "agnostic"])
             t0 = time.perf_counter()
-            kw = {"protect_recent": len(q) - 1} if mode == "aware" else {}
+            kw = {"protect_recent": len(q) - 1} if mode == "aware" else {"question": q} if mode == "guided" else {}
             session.compress(ratio, press=presses[method], aggregation=agg, **kw)
             cells = session.n_cells
             compressed = session.snapshot() if ref is not None else None
-            rest = q if mode == "agnostic" else q[-1:]
+            rest = q[-1:] if mode == "aware" else q
             answer = _answer(session, rest, max_new)
             seconds = time.perf_counter() - t0
             kl = float("nan")
@@ -331,7 +334,8 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
                    help="comma-separated fractions of cells to evict; 0 = the full cache (default 0,0.25,0.5,0.75)")
     p.add_argument("--aggregations", nargs="+", default=["mean"], help=f"comma-separated: {', '.join(AGGREGATIONS)} (default mean)")
     p.add_argument("--modes", nargs="+", default=["agnostic"],
-                   help="agnostic (question after compression) and/or aware (question in the cache, protected)")
+                   help="agnostic (question after compression), aware (question in the cache, protected), guided "
+                        "(question decoded for the scoring only, then after compression)")
     p.add_argument("--kl-tokens", type=int, default=64,
                    help="positions of the KL proxy per run (0: no KL; default 64)")
     p.add_argument("--max-new-tokens", type=int, default=None,
