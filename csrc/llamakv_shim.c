@@ -666,6 +666,60 @@ int32_t llamakv_keydiff_scores(const uint8_t * rows, int32_t type, int64_t row_b
     return 0;
 }
 
+int32_t llamakv_window_attention(const uint8_t * rows, int32_t type, int64_t row_bytes, int64_t n_cells,
+                                 int32_t n_head, int32_t n_head_kv, int32_t head_dim, const float * q, int32_t n_q,
+                                 const int64_t * qpos, const int64_t * cell_pos, const uint8_t * scored,
+                                 float * out) {
+    if (check_type(type)) return ERR_BAD_TYPE;
+    enum { CB = 4 };  /* cells per block */
+    const int32_t group = n_head / n_head_kv, d = head_dim, R = group * n_q;  /* query rows per KV head */
+    const int64_t blck = ggml_blck_size((enum ggml_type) type);
+    if (d % 8 != 0 || d % blck != 0 || n_q <= 0) return ERR_BAD_SHAPE;
+    float * z = malloc(((int64_t) R * n_cells + CB * d + (int64_t) R * CB) * sizeof(float));
+    if (z == NULL) return ERR_NO_MEMORY;
+    float * k = z + (int64_t) R * n_cells, * zb = k + CB * d;
+    for (int32_t g = 0; g < n_head_kv; ++g) {
+        const size_t off = ggml_row_size((enum ggml_type) type, (int64_t) g * d);  /* head g's keys in a row */
+        const float * qg = q + (int64_t) g * R * d;
+        for (int64_t i0 = 0; i0 < n_cells; i0 += CB) {  /* logits of every query row, 4 cells at a time */
+            const int nc = n_cells - i0 < CB ? (int) (n_cells - i0) : CB;
+            for (int c = 0; c < nc; ++c) row_to_float(rows + (i0 + c) * row_bytes + off, type, d, k + c * d);
+            for (int c = nc; c < CB; ++c) memcpy(k + c * d, k, d * sizeof(float));  /* unused */
+            dot_block(k, d, qg, d, R, d, zb);
+            for (int32_t r = 0; r < R; ++r)
+                for (int c = 0; c < nc; ++c) z[(int64_t) r * n_cells + i0 + c] = zb[r * CB + c];
+        }
+        for (int32_t h = 0; h < group; ++h) {
+            float * o = out + (int64_t) (g * group + h) * n_cells;
+            for (int64_t i = 0; i < n_cells; ++i) o[i] = 0.0f;
+            for (int32_t w = 0; w < n_q; ++w) {  /* softmax over the cells this query sees, then their mean */
+                float * zr = z + (int64_t) (h * n_q + w) * n_cells;
+                float mx = -INFINITY;
+                for (int64_t i = 0; i < n_cells; ++i) {
+                    if (!scored[i] || cell_pos[i] > qpos[w]) zr[i] = -INFINITY;
+                    else if (zr[i] > mx) mx = zr[i];
+                }
+                if (mx == -INFINITY) continue;  /* sees nothing */
+                double sum = 0.0;
+                int64_t i = 0;
+                for (; i + 8 <= n_cells; i += 8) {
+                    const v8f e = exp8_nonpos(load8(zr + i) - mx);
+                    memcpy(zr + i, &e, sizeof e);
+                    sum += hsum(e);
+                }
+                for (; i < n_cells; ++i) {
+                    zr[i] = expf(zr[i] - mx);
+                    sum += zr[i];
+                }
+                const float w_inv = (float) (1.0 / (sum * n_q));
+                for (int64_t j = 0; j < n_cells; ++j) o[j] += zr[j] * w_inv;
+            }
+        }
+    }
+    free(z);
+    return 0;
+}
+
 int32_t llamakv_value_norms(const uint8_t * data, int32_t type, int64_t row_bytes, int64_t n_cells,
                             int32_t n_head_kv, int32_t head_dim, int32_t transposed, float * out) {
     if (check_type(type)) return ERR_BAD_TYPE;

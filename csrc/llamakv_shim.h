@@ -83,6 +83,16 @@ int32_t llamakv_ea_attention(float * z, int64_t n_cells, int32_t n_head, int32_t
 int32_t llamakv_keydiff_scores(const uint8_t * rows, int32_t type, int64_t row_bytes, int64_t n_cells,
                                int32_t n_head_kv, int32_t head_dim, const uint8_t * scored, float * out);
 
+/* Attention of n_q queries to the cells of one layer, averaged over the queries: for each query head,
+ * the softmax of q.k over the cells with scored[i] != 0 and cell_pos[i] <= qpos[w] (the query's
+ * own position), the mean over the n_q queries. q after RoPE, scaled by the attention scale,
+ * [n_head_kv][group][n_q][head_dim] (each KV head's query rows together). out [n_head][n_cells];
+ * 0 where no query sees the cell. head_dim a multiple of 8 and of the type's block size. */
+int32_t llamakv_window_attention(const uint8_t * rows, int32_t type, int64_t row_bytes, int64_t n_cells,
+                                 int32_t n_head, int32_t n_head_kv, int32_t head_dim, const float * q, int32_t n_q,
+                                 const int64_t * qpos, const int64_t * cell_pos, const uint8_t * scored,
+                                 float * out);
+
 /* L2 norm of each value head of each cell: out [n_cells][n_head_kv]. V as rows (one per cell)
  * or transposed (one row of n_cells elements per dimension, `row_bytes` apart). */
 int32_t llamakv_value_norms(const uint8_t * data, int32_t type, int64_t row_bytes, int64_t n_cells,

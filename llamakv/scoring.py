@@ -334,20 +334,28 @@ class ExpectedAttentionKeyDiff:
 
 
 def _window_attention(inputs: ScoreInputs, layer: int, last: int | None = None) -> np.ndarray:
-    """Attention [n_head, W, n_cells] of the recent queries (or the `last` of them) to the cells,
-    softmax over the non-sink cells a query may see (positions up to its own)."""
+    """Attention [n_head, n_cells] of the recent queries (or the `last` of them) to the cells,
+    averaged over those queries: each query's softmax over the non-sink cells it may see
+    (positions up to its own). In C (llamakv_window_attention), without the GIL."""
     q = inputs.window_queries(layer)  # [W, H, d]
     qpos = inputs.window_pos
     if last is not None:
         q, qpos = q[-last:], qpos[-last:]
+    n_q, d, n = len(qpos), inputs.head_dim, inputs.n_cells
     group = inputs.n_head // inputs.n_head_kv
-    k = np.repeat(inputs.layer_keys(layer), group, axis=1)  # [n, H, d]
-    z = np.matmul(q.transpose(1, 0, 2), k.transpose(1, 2, 0)) / math.sqrt(inputs.head_dim)  # [H, W, n]
-    visible = (inputs.pos[None, :] <= qpos[:, None]) & _not_sink(inputs)[None, :]
-    z = np.where(visible[None], z, -np.inf)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / np.maximum(e.sum(axis=-1, keepdims=True), 1e-30)
+    rows = (q / np.float32(math.sqrt(d))).reshape(n_q, inputs.n_head_kv, group, d).transpose(1, 2, 0, 3)
+    rows = np.ascontiguousarray(rows, dtype=np.float32)  # each KV head's query rows together
+    qpos = np.ascontiguousarray(qpos, dtype=np.int64)
+    cell_pos = np.ascontiguousarray(inputs.pos, dtype=np.int64)
+    scored = np.ascontiguousarray(_not_sink(inputs), dtype=np.uint8)
+    out = np.empty((inputs.n_head, n), dtype=np.float32)
+    lt = inputs.state.k[layer]
+    if n and _shim.load().lib.llamakv_window_attention(
+            _shim.ptr("uint8_t *", lt.data), lt.type, lt.row_bytes, n, inputs.n_head, inputs.n_head_kv, d,
+            _shim.ptr("float *", rows), n_q, _shim.ptr("int64_t *", qpos), _shim.ptr("int64_t *", cell_pos),
+            _shim.ptr("uint8_t *", scored), _shim.ptr("float *", out)):
+        raise LlamaKVError(f"cannot score keys of ggml type {lt.type} with head_dim {d}")
+    return out
 
 
 @dataclass
@@ -364,7 +372,7 @@ class SnapKV:
         order = np.argsort(inputs.pos, kind="stable")
 
         def score_layer(layer: int) -> np.ndarray:
-            a = _window_attention(inputs, layer, self.window).mean(axis=1)  # [H, n]
+            a = _window_attention(inputs, layer, self.window)  # [H, n]
             if self.kernel > 1:  # pool along positions, not cell order
                 s = a[:, order]
                 pad = self.kernel // 2
@@ -387,7 +395,7 @@ class TOVA:
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         out = np.stack(_shim.parallel_map(
-            lambda layer: _group_mean(_window_attention(inputs, layer, 1)[:, 0], inputs.n_head_kv),
+            lambda layer: _group_mean(_window_attention(inputs, layer, 1), inputs.n_head_kv),
             range(inputs.n_layer)))
         return _sinks_inf(out.astype(np.float32), inputs)
 
@@ -403,7 +411,7 @@ class H2O:
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         out = np.stack(_shim.parallel_map(
-            lambda layer: _group_mean(_window_attention(inputs, layer).sum(axis=1), inputs.n_head_kv),
+            lambda layer: _group_mean(_window_attention(inputs, layer) * len(inputs.window_pos), inputs.n_head_kv),
             range(inputs.n_layer)))
         return _sinks_inf(out.astype(np.float32), inputs)
 

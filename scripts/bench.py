@@ -30,6 +30,7 @@ import llama_cpp  # noqa: E402
 
 from llamakv import KVSession  # noqa: E402
 from llamakv.models import resolve_model  # noqa: E402
+from llamakv.scoring import make_press  # noqa: E402
 
 
 def log(*a):
@@ -98,6 +99,10 @@ def main(argv=None) -> int:
                     help="last tokens whose queries feed the statistics, in one prefill variant")
     ap.add_argument("--stats-sample", type=int, nargs="*", default=[],
                     help="prefill variants with the statistics from an even sample of S queries")
+    ap.add_argument("--methods", nargs="*", default=[],
+                    help="also time whole compress() calls (wall, best of two) with these presses")
+    ap.add_argument("--question-tokens", type=int, default=0,
+                    help="and each of them guided by a question of this many tokens (compress(question=...))")
     args = ap.parse_args(argv)
 
     path = resolve_model(args.model)
@@ -109,7 +114,7 @@ def main(argv=None) -> int:
     doc = resources.files("llamakv").joinpath("data", "sample_document.txt").read_text()
     doc_tokens = s.tokenize(doc)
 
-    rows = []
+    rows, method_rows = [], []
     for n in args.lengths:
         tokens = (doc_tokens * (n // len(doc_tokens) + 1))[:n]
         variants = {"no callback": None, "callback, capture off": dict(capture=False),
@@ -152,6 +157,16 @@ def main(argv=None) -> int:
         dec_plain = max(decode_speed(s, args.decode_tokens, doc_tokens[5]) for _ in range(2))
         log(f"  decode full {dec_full:.1f}, compacted {dec_compact:.1f} (capture on {dec_compact_capture:.1f}), "
             f"not compacted {dec_nocompact:.1f}, plain {dec_plain:.1f} tok/s")
+        for m in args.methods:
+            for q in [None] + ([doc_tokens[:args.question_tokens]] if args.question_tokens else []):
+                walls = []
+                for _ in range(2):
+                    s.restore(snap)
+                    t0 = time.perf_counter()
+                    r = s.compress(args.ratio, press=make_press(m), question=q)
+                    walls.append(time.perf_counter() - t0)
+                log(f"  {r.method}: {min(walls) * 1e3:.0f} ms (scoring {r.scoring_s * 1e3:.0f} ms)")
+                method_rows.append((n, r.method, r.question_tokens, min(walls), r.scoring_s, best["no callback"]))
         rows.append((n, best, warm, warm.compression_s, dec_full, dec_compact, dec_nocompact, dec_plain,
                      dec_compact_capture, gpu_memory()))
         del snap
@@ -181,6 +196,12 @@ def main(argv=None) -> int:
         print(f"| {n} | {rep.cells_before} → {rep.cells_after} | {rep.capture_s * 1e3:.0f} | "
               f"{rep.state_read_s * 1e3:.0f} | {rep.scoring_s * 1e3:.0f} | {rep.eviction_s * 1e3:.0f} | "
               f"{rep.compaction_s * 1e3:.0f} | {cs * 1e3:.0f} | {100 * cs / best['no callback']:.1f}% |")
+    if method_rows:
+        print("\n### By method (whole compress() call, wall, best of two)\n")
+        print("| tokens | method | question tokens | total ms | of which scoring ms | % of prefill |")
+        print("|---:|---|---:|---:|---:|---:|")
+        for n, m, q, wall, sc, pre in method_rows:
+            print(f"| {n} | {m} | {q} | {wall * 1e3:.0f} | {sc * 1e3:.0f} | {100 * wall / pre:.1f}% |")
     print("\n## Decode (tok/s, %d tokens, capture off unless said)\n" % args.decode_tokens)
     print("| tokens | full cache | compressed + compacted | same, capture on | compressed, not compacted "
           "| plain cache of the compressed size | compacted / plain |")

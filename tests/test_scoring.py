@@ -181,6 +181,32 @@ def test_window_presses_match_attention_from_llama_cpp_queries(fresh_any):
     assert (pooled >= plain).all() and (pooled[:, :-1] >= plain[:, 1:]).all() and (pooled > plain).any()
 
 
+def test_window_attention_equals_numpy_reference(prefilled):
+    """The window presses' attention (C) against dense numpy: per query the softmax over the
+    non-sink cells at or before its position, then the mean over the queries."""
+    from llamakv.scoring import _window_attention
+
+    inputs = prefilled.score_inputs()
+    inputs.window_pos = inputs.window_pos - 20  # inside the prompt: each query sees fewer cells
+    group = prefilled.n_head // prefilled.n_head_kv
+    for layer in (0, prefilled.n_layer - 1):
+        for last in (None, 3):
+            q = inputs.window_queries(layer).astype(np.float64)
+            qpos = inputs.window_pos
+            if last:
+                q, qpos = q[-last:], qpos[-last:]
+            keys = np.repeat(inputs.layer_keys(layer).astype(np.float64), group, axis=1)
+            z = np.einsum("whd,nhd->hwn", q, keys) / math.sqrt(prefilled.head_dim)
+            visible = (inputs.pos[None, :] <= qpos[:, None]) & (inputs.pos >= prefilled.n_sink)[None, :]
+            z = np.where(visible[None], z, -np.inf)
+            e = np.exp(z - z.max(axis=-1, keepdims=True))
+            ref = (e / e.sum(axis=-1, keepdims=True)).mean(axis=1)
+            got = _window_attention(inputs, layer, last)
+            unseen = inputs.pos > qpos.max()
+            assert unseen.any() and (got[:, unseen] == 0).all()  # cells after every query: no attention
+            np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-7)
+
+
 def test_every_press_scores_and_compresses(fresh_any):
     context, _, _ = needle_prompt(n_repeats=12, at=3)
     fresh_any.prefill(context)
