@@ -666,42 +666,100 @@ int32_t llamakv_keydiff_scores(const uint8_t * rows, int32_t type, int64_t row_b
     return 0;
 }
 
+/* z[r][c] = q[r] . k[c] for the n_rows query rows q (stride d) and a block of KB cells whose keys
+ * are transposed, kt[j][c]: 4 rows x 2 vectors of cells of accumulators, each key vector loaded
+ * once per 4 rows and each query element broadcast: no horizontal sums, and stores along the rows
+ * of z (dot_block's cells x rows blocks need both; with them this kernel took about twice as
+ * long). z rows are zs apart; only nb cells stored. */
+enum { KB = 64 };
+#if defined(__AVX512F__)
+typedef float vwf __attribute__((vector_size(64)));  /* the widest vectors there are */
+#else
+typedef v8f vwf;
+#endif
+enum { VW = sizeof(vwf) / sizeof(float) };
+static inline vwf loadw(const float * p) { vwf x; memcpy(&x, p, sizeof x); return x; }
+
+static void logits_block(const float * q, int32_t n_rows, int32_t d, const float * kt, int32_t nb, float * z,
+                         int64_t zs) {
+    for (int32_t r0 = 0; r0 < n_rows; r0 += 4) {
+        const int32_t nr = n_rows - r0 < 4 ? n_rows - r0 : 4;
+        const float * q0 = q + (int64_t) r0 * d, * q1 = q0 + (nr > 1 ? d : 0), * q2 = q0 + (nr > 2 ? 2 * d : 0),
+                    * q3 = q0 + (nr > 3 ? 3 * d : 0);  /* rows past the end repeat the first (not stored) */
+        for (int32_t c0 = 0; c0 < nb; c0 += 2 * VW) {
+            vwf a[4][2] = {{{0}}};
+            for (int32_t j = 0; j < d; ++j) {
+                const vwf x0 = loadw(kt + j * KB + c0), x1 = loadw(kt + j * KB + c0 + VW);
+                const vwf y0 = (vwf) {0} + q0[j], y1 = (vwf) {0} + q1[j], y2 = (vwf) {0} + q2[j],
+                          y3 = (vwf) {0} + q3[j];
+                a[0][0] += y0 * x0; a[0][1] += y0 * x1;
+                a[1][0] += y1 * x0; a[1][1] += y1 * x1;
+                a[2][0] += y2 * x0; a[2][1] += y2 * x1;
+                a[3][0] += y3 * x0; a[3][1] += y3 * x1;
+            }
+            const int32_t nc = nb - c0 < 2 * VW ? nb - c0 : 2 * VW;
+            for (int32_t r = 0; r < nr; ++r) {
+                float tmp[2 * VW];
+                memcpy(tmp, &a[r][0], sizeof a[r][0]);
+                memcpy(tmp + VW, &a[r][1], sizeof a[r][1]);
+                memcpy(z + (int64_t) (r0 + r) * zs + c0, tmp, nc * sizeof(float));
+            }
+        }
+    }
+}
+
 int32_t llamakv_window_attention(const uint8_t * rows, int32_t type, int64_t row_bytes, int64_t n_cells,
                                  int32_t n_head, int32_t n_head_kv, int32_t head_dim, const float * q, int32_t n_q,
                                  const int64_t * qpos, const int64_t * cell_pos, const uint8_t * scored,
                                  float * out) {
     if (check_type(type)) return ERR_BAD_TYPE;
-    enum { CB = 4 };  /* cells per block */
     const int32_t group = n_head / n_head_kv, d = head_dim, R = group * n_q;  /* query rows per KV head */
     const int64_t blck = ggml_blck_size((enum ggml_type) type);
     if (d % 8 != 0 || d % blck != 0 || n_q <= 0) return ERR_BAD_SHAPE;
-    float * z = malloc(((int64_t) R * n_cells + CB * d + (int64_t) R * CB) * sizeof(float));
+    float * z = malloc(((int64_t) R * n_cells + 2 * KB * d + 2 * n_cells) * sizeof(float));
     if (z == NULL) return ERR_NO_MEMORY;
-    float * k = z + (int64_t) R * n_cells, * zb = k + CB * d;
+    float * k = z + (int64_t) R * n_cells, * kt = k + KB * d, * sink_mask = kt + KB * d;
+    int32_t * pos = (int32_t *) (sink_mask + n_cells);  /* llama_pos is 32 bits */
+    for (int64_t i = 0; i < n_cells; ++i) {
+        sink_mask[i] = scored[i] ? 0.0f : -INFINITY;
+        pos[i] = (int32_t) cell_pos[i];
+    }
     for (int32_t g = 0; g < n_head_kv; ++g) {
         const size_t off = ggml_row_size((enum ggml_type) type, (int64_t) g * d);  /* head g's keys in a row */
-        const float * qg = q + (int64_t) g * R * d;
-        for (int64_t i0 = 0; i0 < n_cells; i0 += CB) {  /* logits of every query row, 4 cells at a time */
-            const int nc = n_cells - i0 < CB ? (int) (n_cells - i0) : CB;
-            for (int c = 0; c < nc; ++c) row_to_float(rows + (i0 + c) * row_bytes + off, type, d, k + c * d);
-            for (int c = nc; c < CB; ++c) memcpy(k + c * d, k, d * sizeof(float));  /* unused */
-            dot_block(k, d, qg, d, R, d, zb);
-            for (int32_t r = 0; r < R; ++r)
-                for (int c = 0; c < nc; ++c) z[(int64_t) r * n_cells + i0 + c] = zb[r * CB + c];
+        for (int64_t i0 = 0; i0 < n_cells; i0 += KB) {  /* logits of every query row, KB cells at a time */
+            const int32_t nb = n_cells - i0 < KB ? (int32_t) (n_cells - i0) : KB;
+            for (int32_t c = 0; c < nb; ++c) row_to_float(rows + (i0 + c) * row_bytes + off, type, d, k + c * d);
+            for (int32_t j = 0; j < d; ++j)
+                for (int32_t c = 0; c < KB; ++c) kt[j * KB + c] = c < nb ? k[c * d + j] : 0.0f;
+            logits_block(q + (int64_t) g * R * d, R, d, kt, nb, z + i0, n_cells);
         }
         for (int32_t h = 0; h < group; ++h) {
             float * o = out + (int64_t) (g * group + h) * n_cells;
             for (int64_t i = 0; i < n_cells; ++i) o[i] = 0.0f;
             for (int32_t w = 0; w < n_q; ++w) {  /* softmax over the cells this query sees, then their mean */
                 float * zr = z + (int64_t) (h * n_q + w) * n_cells;
+                const int32_t qp = (int32_t) qpos[w];
+                v8f mx8 = (v8f) {0} - INFINITY;
+                int64_t i = 0;
+                for (; i + 8 <= n_cells; i += 8) {
+                    v8i p8;
+                    memcpy(&p8, pos + i, sizeof p8);
+                    const v8f x = load8(zr + i) + load8(sink_mask + i);
+                    const v8i hidden = p8 > qp;  /* after the query */
+                    const v8f v = (v8f) (((v8i) x & ~hidden) | ((v8i) ((v8f) {0} - INFINITY) & hidden));
+                    memcpy(zr + i, &v, sizeof v);
+                    const v8i more = v > mx8;
+                    mx8 = (v8f) (((v8i) v & more) | ((v8i) mx8 & ~more));
+                }
                 float mx = -INFINITY;
-                for (int64_t i = 0; i < n_cells; ++i) {
-                    if (!scored[i] || cell_pos[i] > qpos[w]) zr[i] = -INFINITY;
-                    else if (zr[i] > mx) mx = zr[i];
+                for (int u = 0; u < 8; ++u) mx = mx8[u] > mx ? mx8[u] : mx;
+                for (; i < n_cells; ++i) {
+                    zr[i] = pos[i] > qp ? -INFINITY : zr[i] + sink_mask[i];
+                    if (zr[i] > mx) mx = zr[i];
                 }
                 if (mx == -INFINITY) continue;  /* sees nothing */
                 double sum = 0.0;
-                int64_t i = 0;
+                i = 0;
                 for (; i + 8 <= n_cells; i += 8) {
                     const v8f e = exp8_nonpos(load8(zr + i) - mx);
                     memcpy(zr + i, &e, sizeof e);

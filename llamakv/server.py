@@ -90,8 +90,8 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     k.add_argument("--kv-budget", type=int, default=0,
                    help="most cells a slot may keep after a prompt; more are evicted (0: no budget)")
     k.add_argument("--kv-query-aware", action="store_true",
-                   help="compress after the last user message is in the cache (its queries steer the scores); "
-                        "default: compress the context before it, so the question is never evicted")
+                   help="the last user message guides the compression of the conversation before it (decoded "
+                        "after it for the scoring only, then prefilled in its place); default: query-agnostic")
     k.add_argument("--kv-n-sink", type=int, default=4, help="first positions never evicted (default 4)")
     p.set_defaults(func=cmd_serve)
     return p
@@ -421,8 +421,10 @@ class Engine:
             slot.history = slot.history[:n]
         return n
 
-    def _compress(self, slot: Slot, kv: KVParams, n_logical: int, protect: int) -> dict | None:
-        """Evict down to (1 - ratio) of the conversation's tokens (and to the budget)."""
+    def _compress(self, slot: Slot, kv: KVParams, n_logical: int, protect: int,
+                  question: list[int] | None = None) -> dict | None:
+        """Evict down to (1 - ratio) of the conversation's tokens (and to the budget), guided by
+        the `question` tokens that follow if given (KVSession.compress(question=...))."""
         s = self.session
         if n_logical < kv.min_tokens or (kv.ratio <= 0 and not kv.budget):
             return None
@@ -433,7 +435,8 @@ class Engine:
         if press is None:
             press = self.presses[kv.method] = make_press(kv.method)
         t0 = time.perf_counter()
-        report = s.compress_to(s.n_cells - target, press=press, aggregation=kv.aggregation, protect_recent=protect)
+        report = s.compress_to(s.n_cells - target, press=press, aggregation=kv.aggregation, protect_recent=protect,
+                               question=question)
         took = time.perf_counter() - t0  # scoring, eviction, compaction (capture ran during prefill)
         if report is None:
             return None
@@ -445,7 +448,7 @@ class Engine:
         return {"cells_before": report.cells_before, "cells_after": report.cells_after,
                 "evicted": report.evicted, "kv_bytes_before": report.kv_bytes_before,
                 "kv_bytes_after": report.kv_bytes_after, "ms": took * 1e3, "capture_ms": report.capture_s * 1e3,
-                "method": report.method,
+                "method": report.method, "question_tokens": report.question_tokens,
                 "aggregation": report.aggregation}
 
     def _prefill(self, tokens: list[int]) -> None:
@@ -470,11 +473,13 @@ class Engine:
             t0 = time.perf_counter()
             try:
                 compression, done = None, reused
-                if job.split is not None and not kv.query_aware and job.split > reused:
-                    # query-agnostic: compress the conversation before its last user message
+                if job.split is not None and job.split > reused:
+                    # compress the conversation before its last user message; query-aware: with
+                    # that message decoded after it for the scoring only, then prefilled in its place
                     self._prefill(tokens[reused:job.split])
                     slot.history = tokens[:job.split]
-                    compression = self._compress(slot, kv, job.split, 1)
+                    compression = self._compress(slot, kv, job.split, 1,
+                                                 question=tokens[job.split:] if kv.query_aware else None)
                     done = job.split
                 self._prefill(tokens[done:])
                 slot.history = list(tokens)

@@ -48,7 +48,7 @@ from llamakv import KVSession
 from llamakv.eval.tasks import load_samples, string_match_all, string_match_part
 from llamakv.models import resolve_model
 from llamakv.rope import ROPE_NORM
-from llamakv.scoring import ExpectedAttention, ScoreInputs, aggregate
+from llamakv.scoring import PRESSES, ExpectedAttention, ScoreInputs, aggregate, make_press
 
 N_SINK = 4
 
@@ -441,7 +441,8 @@ def run_samples(args) -> None:
     samples = load_samples(args.samples)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     known = {"kvpress:full", "kvpress:expected_attention", "kvpress:adakv_expected_attention",
-             "llamakv:full", "llamakv:expected_attention", "llamakv:expected_attention_max"}
+             "llamakv:full", "llamakv:expected_attention_max"}
+    known |= {f"llamakv:{p}{q}" for p in PRESSES for q in ("", "+question")}
     bad = [m for m in methods if m not in known]
     if bad or not methods:
         raise SystemExit(f"unknown method(s) {bad}; choose from {sorted(known)}")
@@ -512,15 +513,18 @@ def run_samples(args) -> None:
                 engine, name = method.split(":")
                 if engine != "llamakv":
                     continue
+                press_name = name.removesuffix("+question").removesuffix("_max")
                 for ratio in ([0.0] if name == "full" else ratios):
                     t0 = time.perf_counter()
                     session.restore(snap)
-                    if ratio > 0:
-                        session.compress(ratio, aggregation="max" if name.endswith("_max") else "mean")
+                    if ratio > 0:  # each press with its defaults; "+question": guided by the question
+                        session.compress(ratio, press=make_press(press_name),
+                                         aggregation="max" if name.endswith("_max") else "mean",
+                                         question=q if name.endswith("+question") else None)
                     kept = session.n_cells
                     ans = session.generate(q, max_tokens=args.max_new_tokens, temperature=0.0)
-                    record(engine, name, ratio, None if ratio == 0 else session.press.epsilon, smp, ctx, kept, ans,
-                           prefill_s, time.perf_counter() - t0)
+                    eps = session.press.epsilon if press_name == "expected_attention" and ratio > 0 else None
+                    record(engine, name, ratio, eps, smp, ctx, kept, ans, prefill_s, time.perf_counter() - t0)
     groups = {}
     for r in rows:
         groups.setdefault((r["engine"], r["method"], r["ratio"]), []).append(r["score"])

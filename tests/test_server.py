@@ -237,14 +237,17 @@ def test_compression_and_prefix_reuse_after_eviction(server, client):
     assert comp2["before_last_message"] is True
     assert comp2["cells_before"] < info1["cells"] + r2.model_extra["timings"]["prompt_n"]
 
-    # query-aware: the whole prompt, question included, is in the cache when it is compressed
+    # query-aware: the earlier turns are compressed with the new message decoded after them for the
+    # scoring (then removed and prefilled in its place)
     messages += [{"role": "assistant", "content": r2.choices[0].message.content},
                  {"role": "user", "content": question}]
     r3 = client.chat.completions.create(model=server["model"], messages=messages, max_tokens=4, temperature=0,
                                         extra_body={"llamakv": {**kv, "query_aware": True}})
     info3 = r3.model_extra["llamakv"]
-    assert info3["query_aware"] and info3["compression"]["before_last_message"] is False
-    assert info3["compression"]["cells_before"] == slot["n_cells"] + r3.model_extra["timings"]["prompt_n"]
+    comp3 = info3["compression"]
+    assert info3["query_aware"] and comp3["before_last_message"] is True and comp3["question_tokens"] > 0
+    assert comp3["cells_before"] + comp3["question_tokens"] == slot["n_cells"] + r3.model_extra["timings"]["prompt_n"]
+    assert comp2["question_tokens"] == 0
 
     # the same request again: the slot is rewound inside its compressed cache to the prompt's last token
     r4 = client.chat.completions.create(model=server["model"], messages=messages, max_tokens=4, temperature=0,
