@@ -497,8 +497,11 @@ class KVSession:
     def _question_tokens(self, question: str | Sequence[int] | None) -> list[int]:
         if question is None:
             return []
-        tokens = self.tokenize(question) if isinstance(question, str) else list(question)
-        if isinstance(question, str) and not tokens:
+        if not isinstance(question, str):
+            return list(question)
+        # never a BOS: the question follows the prompt, even when the prompt is not in yet
+        tokens = self.llama.tokenize(question.encode("utf-8"), add_bos=False, special=True)
+        if not tokens:
             raise ValueError("empty question")
         return tokens
 
