@@ -558,7 +558,6 @@ int32_t llamakv_ea_logits(const uint8_t * rows, int32_t type, int64_t row_bytes,
 /* exp(x) for x <= 0 (softmax after subtracting the maximum), 8 lanes: x = n ln2 + r with |r| <= ln2/2,
  * exp(r) by Cephes' expf polynomial (about 1 ulp), 2^n put in the exponent bits; below -87.3
  * (including -inf) it is 0. */
-
 static inline v8f exp8_nonpos(v8f x) {
     const v8i under = x < -87.3f;
     x = (v8f) ((v8i) x & ~under);  /* 0 where under, so the arithmetic below stays finite */
@@ -575,6 +574,22 @@ static inline v8f exp8_nonpos(v8f x) {
     return p * (v8f) bits;
 }
 
+/* z[i] = exp(z[i] - mx) in place for z[i] <= mx (-inf gives 0); returns their sum. */
+static double exp_shifted(float * z, int64_t n, float mx) {
+    double sum = 0.0;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const v8f e = exp8_nonpos(load8(z + i) - mx);
+        memcpy(z + i, &e, sizeof e);
+        sum += hsum(e);
+    }
+    for (; i < n; ++i) {
+        z[i] = expf(z[i] - mx);
+        sum += z[i];
+    }
+    return sum;
+}
+
 int32_t llamakv_ea_attention(float * z, int64_t n_cells, int32_t n_head, int32_t n_head_kv, const uint8_t * scored,
                              const float * vnorm, int64_t vnorm_stride, float epsilon, float * out) {
     const int32_t group = n_head / n_head_kv;
@@ -588,17 +603,7 @@ int32_t llamakv_ea_attention(float * z, int64_t n_cells, int32_t n_head, int32_t
             else if (zh[i] > mx) mx = zh[i];
         }
         if (mx == -INFINITY) mx = 0.0f;  /* nothing scored: every exp below is 0 */
-        double sum = 0.0;
-        int64_t i = 0;
-        for (; i + 8 <= n_cells; i += 8) {
-            const v8f e = exp8_nonpos(load8(zh + i) - mx);
-            memcpy(zh + i, &e, sizeof e);
-            sum += hsum(e);
-        }
-        for (; i < n_cells; ++i) {
-            zh[i] = expf(zh[i] - mx);
-            sum += zh[i];
-        }
+        const double sum = exp_shifted(zh, n_cells, mx);
         inv_sum[h] = sum > 0.0 ? (float) (1.0 / (sum * group)) : 0.0f;
     }
     for (int32_t g = 0; g < n_head_kv; ++g) {
@@ -758,18 +763,7 @@ int32_t llamakv_window_attention(const uint8_t * rows, int32_t type, int64_t row
                     if (zr[i] > mx) mx = zr[i];
                 }
                 if (mx == -INFINITY) continue;  /* sees nothing */
-                double sum = 0.0;
-                i = 0;
-                for (; i + 8 <= n_cells; i += 8) {
-                    const v8f e = exp8_nonpos(load8(zr + i) - mx);
-                    memcpy(zr + i, &e, sizeof e);
-                    sum += hsum(e);
-                }
-                for (; i < n_cells; ++i) {
-                    zr[i] = expf(zr[i] - mx);
-                    sum += zr[i];
-                }
-                const float w_inv = (float) (1.0 / (sum * n_q));
+                const float w_inv = (float) (1.0 / (exp_shifted(zr, n_cells, mx) * n_q));
                 for (int64_t j = 0; j < n_cells; ++j) o[j] += zr[j] * w_inv;
             }
         }

@@ -312,6 +312,16 @@ def _rank_percentile(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _cell_ranks(scores: np.ndarray) -> np.ndarray:
+    """A press's scores [n_layer, n_head_kv, n_cells] as one rank percentile per cell ("mean")."""
+    return _rank_percentile(aggregate(scores, "mean"))
+
+
+def _per_cell(cells: np.ndarray, inputs: ScoreInputs) -> np.ndarray:
+    """One score per cell as press scores: the same for every (layer, head)."""
+    return np.broadcast_to(cells.astype(np.float32), (inputs.n_layer, inputs.n_head_kv, inputs.n_cells)).copy()
+
+
 @dataclass
 class ExpectedAttentionKeyDiff:
     """Expected Attention and KeyDiff combined per cell: each aggregated over layers and heads
@@ -325,12 +335,12 @@ class ExpectedAttentionKeyDiff:
     name: str = "ea_keydiff"
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
-        ea = _rank_percentile(aggregate(self.expected_attention.score(inputs), "mean"))
-        kd = _rank_percentile(aggregate(KeyDiff().score(inputs), "mean"))
-        cells = np.full(inputs.n_cells, np.inf, dtype=np.float32)  # sinks: infinite in both
+        ea = _cell_ranks(self.expected_attention.score(inputs))
+        kd = _cell_ranks(KeyDiff().score(inputs))
+        cells = np.full(inputs.n_cells, np.inf)  # sinks: infinite in both
         finite = np.isfinite(ea) & np.isfinite(kd)
         cells[finite] = self.weight * ea[finite] + (1 - self.weight) * kd[finite]
-        return np.broadcast_to(cells, (inputs.n_layer, inputs.n_head_kv, inputs.n_cells)).copy()
+        return _per_cell(cells, inputs)
 
 
 def _window_attention(inputs: ScoreInputs, layer: int, last: int | None = None) -> np.ndarray:
@@ -424,7 +434,7 @@ class QuestionAware:
     them, max-pooled over `kernel` positions), and the base press's scores, each aggregated per
     cell ("mean") and turned into rank percentiles; a cell scores the larger of the two, so it is
     kept if either ranks it high. (Letting the question nominate only its top 10% instead kept the
-    next-token distributions closer on the RULER grid but lost 3 of 8 prose needles at 4x.) The
+    next-token distributions closer on the RULER grid but lost 3 of the first 5 prose needles at 4x.) The
     question must be the newest `n_question` captured queries."""
 
     base: Press
@@ -436,10 +446,9 @@ class QuestionAware:
         self.name = self.name or f"{self.base.name}+question"
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
-        base = _rank_percentile(aggregate(self.base.score(inputs), "mean"))
-        asked = _rank_percentile(aggregate(SnapKV(window=self.n_question, kernel=self.kernel).score(inputs), "mean"))
-        cells = np.maximum(base, asked).astype(np.float32)  # sinks: infinite in both
-        return np.broadcast_to(cells, (inputs.n_layer, inputs.n_head_kv, inputs.n_cells)).copy()
+        base = _cell_ranks(self.base.score(inputs))
+        asked = _cell_ranks(SnapKV(window=self.n_question, kernel=self.kernel).score(inputs))
+        return _per_cell(np.maximum(base, asked), inputs)  # sinks: infinite in both
 
 
 AGGREGATIONS = ("mean", "max", "votes")
