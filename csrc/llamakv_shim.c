@@ -413,6 +413,15 @@ static inline float hsum(v8f a) {
 
 static inline v8f load8(const float * p) { v8f x; memcpy(&x, p, sizeof x); return x; }
 
+static inline float dot_f32(const float * a, const float * b, int32_t n) {
+    v8f acc = {0};
+    int32_t j = 0;
+    for (; j + 8 <= n; j += 8) acc += load8(a + j) * load8(b + j);
+    float s = hsum(acc);
+    for (; j < n; ++j) s += a[j] * b[j];
+    return s;
+}
+
 /* out[h][c] = f[c] . m[h] for 4 feature rows f (one per cell, stride fs) and n_rows weight rows m
  * (stride ms): blocks of 4 x 4 accumulators, so each load of a feature or weight vector feeds 4
  * FMAs (one row at a time was load-bound). n is a multiple of 8. */
@@ -474,7 +483,8 @@ static inline void key_features(const float * src, const int32_t * perm, int32_t
  * (k_a, k_b, k_a², k_b², k_a k_b) live in registers, 2 cells x 4 heads at a time, instead of being
  * written out first (29 -> 21 ms per layer of the 8B shape on one thread of the H200 machine's Xeon). */
 static void ea_logits_fused(const uint8_t * rows, int32_t type, int64_t row_bytes, int64_t n_cells, int32_t n_head,
-                            int32_t n_head_kv, int32_t d, const float * m, int32_t F, bool norm, float * k, float * z) {
+                            int32_t n_head_kv, int32_t d, const float * m, int32_t F, bool norm, const float * anchor,
+                            float * keydiff, float * k, float * z) {
     const int64_t per_row = (int64_t) n_head_kv * d;
     const int32_t group = n_head / n_head_kv, P = d / 2;
     for (int64_t i0 = 0; i0 < n_cells; i0 += 2) {
@@ -483,6 +493,25 @@ static void ea_logits_fused(const uint8_t * rows, int32_t type, int64_t row_byte
         row_to_float(rows + i1 * row_bytes, type, per_row, k + per_row);
         for (int32_t g = 0; g < n_head_kv; ++g) {
             const float * k0 = k + (int64_t) g * d, * k1 = k0 + per_row;
+            if (keydiff != NULL) {  /* minus the cosine to the anchor, while the key is at hand */
+                const float * u = anchor + (int64_t) g * d;
+                v8f n0 = {0}, n1 = {0}, c0 = {0}, c1 = {0};
+                for (int32_t p = 0; p < P; p += 8) {
+                    v8f a0, b0, a1, b1;
+                    if (norm) {
+                        const v8f l0 = load8(k0 + 2 * p), u0 = load8(k0 + 2 * p + 8);
+                        const v8f l1 = load8(k1 + 2 * p), u1 = load8(k1 + 2 * p + 8);
+                        a0 = EVENS8(l0, u0); b0 = ODDS8(l0, u0); a1 = EVENS8(l1, u1); b1 = ODDS8(l1, u1);
+                    } else {
+                        a0 = load8(k0 + p); b0 = load8(k0 + P + p); a1 = load8(k1 + p); b1 = load8(k1 + P + p);
+                    }
+                    const v8f ua = load8(u + p), ub = load8(u + P + p);
+                    n0 += a0 * a0 + b0 * b0; n1 += a1 * a1 + b1 * b1;
+                    c0 += a0 * ua + b0 * ub; c1 += a1 * ua + b1 * ub;
+                }
+                keydiff[(int64_t) g * n_cells + i0] = -hsum(c0) / fmaxf(sqrtf(hsum(n0)), 1e-6f);
+                keydiff[(int64_t) g * n_cells + i1] = -hsum(c1) / fmaxf(sqrtf(hsum(n1)), 1e-6f);
+            }
             for (int32_t h0 = g * group; h0 < (g + 1) * group; h0 += 4) {
                 v8f acc[4][2] = {{{0}}};
                 for (int32_t p = 0; p < P; p += 8) {
@@ -514,7 +543,8 @@ static void ea_logits_fused(const uint8_t * rows, int32_t type, int64_t row_byte
 
 int32_t llamakv_ea_logits(const uint8_t * rows, int32_t type, int64_t row_bytes, int64_t n_cells,
                           int32_t n_head, int32_t n_head_kv, int32_t head_dim,
-                          const float * m, const int32_t * perm, int32_t n_pairs, float * z) {
+                          const float * m, const int32_t * perm, int32_t n_pairs, const float * anchor,
+                          float * keydiff, float * z) {
     if (check_type(type)) return ERR_BAD_TYPE;
     enum { CB = 4 };  /* cells per block */
     const int64_t per_row = (int64_t) n_head_kv * head_dim;
@@ -526,7 +556,7 @@ int32_t llamakv_ea_logits(const uint8_t * rows, int32_t type, int64_t row_bytes,
     if (2 * P == d && P % 8 == 0 && group % 4 == 0 && (identity || adjacent)) {
         float * k = malloc(2 * per_row * sizeof(float));
         if (k == NULL) return ERR_NO_MEMORY;
-        ea_logits_fused(rows, type, row_bytes, n_cells, n_head, n_head_kv, d, m, F, adjacent, k, z);
+        ea_logits_fused(rows, type, row_bytes, n_cells, n_head, n_head_kv, d, m, F, adjacent, anchor, keydiff, k, z);
         free(k);
         return 0;
     }
@@ -545,6 +575,12 @@ int32_t llamakv_ea_logits(const uint8_t * rows, int32_t type, int64_t row_bytes,
         for (int c = nc; c < CB; ++c) memcpy(k + c * per_row, k, per_row * sizeof(float));  /* unused */
         for (int32_t g = 0; g < n_head_kv; ++g) {
             for (int c = 0; c < CB; ++c) key_features(k + c * per_row + (int64_t) g * d, perm, d, P, kind, f + c * Fp);
+            for (int c = 0; c < nc && keydiff != NULL; ++c) {  /* features: [k (permuted) | k*k | ...] */
+                float sq = 0.0f;
+                for (int32_t j = 0; j < d; ++j) sq += f[c * Fp + d + j];
+                keydiff[(int64_t) g * n_cells + i0 + c] =
+                    -dot_f32(f + c * Fp, anchor + (int64_t) g * d, d) / fmaxf(sqrtf(sq), 1e-6f);
+            }
             dot_block(f, Fp, mp + (int64_t) g * group * Fp, Fp, group, Fp, zb);
             for (int32_t h = 0; h < group; ++h)
                 for (int c = 0; c < nc; ++c) z[(int64_t) (g * group + h) * n_cells + i0 + c] = zb[h * CB + c];
@@ -623,32 +659,29 @@ int32_t llamakv_ea_attention(float * z, int64_t n_cells, int32_t n_head, int32_t
     return 0;
 }
 
-static inline float dot_f32(const float * a, const float * b, int32_t n) {
-    v8f acc = {0};
-    int32_t j = 0;
-    for (; j + 8 <= n; j += 8) acc += load8(a + j) * load8(b + j);
-    float s = hsum(acc);
-    for (; j < n; ++j) s += a[j] * b[j];
-    return s;
-}
-
-int32_t llamakv_keydiff_scores(const uint8_t * rows, int32_t type, int64_t row_bytes, int64_t n_cells,
-                               int32_t n_head_kv, int32_t head_dim, const uint8_t * scored, float * out) {
+int32_t llamakv_key_anchor(const uint8_t * rows, int32_t type, int64_t row_bytes, int64_t n_cells,
+                           int32_t n_head_kv, int32_t head_dim, const uint8_t * scored, int64_t stride,
+                           float * anchor) {
     if (check_type(type)) return ERR_BAD_TYPE;
     const int64_t per_row = (int64_t) n_head_kv * head_dim;
-    float * k = malloc(2 * per_row * sizeof(float)), * a = k + per_row;
+    float * k = malloc(per_row * sizeof(float));
     double * sum = calloc(per_row, sizeof(double));
     if (k == NULL || sum == NULL) { free(k); free(sum); return ERR_NO_MEMORY; }
     bool any = false;
     for (int64_t i = 0; i < n_cells; ++i) any = any || scored[i];
-    for (int64_t i = 0; i < n_cells; ++i) {  /* the mean direction of the (scored) keys */
-        if (any && !scored[i]) continue;
-        row_to_float(rows + i * row_bytes, type, per_row, k);
-        for (int32_t h = 0; h < n_head_kv; ++h) {
-            const float * x = k + (int64_t) h * head_dim;
-            const double inv = 1.0 / fmax(sqrt((double) dot_f32(x, x, head_dim)), 1e-6);
-            double * acc = sum + (int64_t) h * head_dim;
-            for (int32_t j = 0; j < head_dim; ++j) acc[j] += x[j] * inv;
+    if (stride < 1) stride = 1;
+    int64_t used = 0;
+    for (int pass = 0; pass < 2 && used == 0; ++pass, stride = 1) {  /* a sample with no scored cell: all */
+        for (int64_t i = stride / 2; i < n_cells; i += stride) {
+            if (any && !scored[i]) continue;
+            row_to_float(rows + i * row_bytes, type, per_row, k);
+            for (int32_t h = 0; h < n_head_kv; ++h) {
+                const float * x = k + (int64_t) h * head_dim;
+                const double inv = 1.0 / fmax(sqrt((double) dot_f32(x, x, head_dim)), 1e-6);
+                double * acc = sum + (int64_t) h * head_dim;
+                for (int32_t j = 0; j < head_dim; ++j) acc[j] += x[j] * inv;
+            }
+            ++used;
         }
     }
     for (int32_t h = 0; h < n_head_kv; ++h) {
@@ -656,18 +689,28 @@ int32_t llamakv_keydiff_scores(const uint8_t * rows, int32_t type, int64_t row_b
         double sq = 0.0;
         for (int32_t j = 0; j < head_dim; ++j) sq += m[j] * m[j];
         const double inv = 1.0 / fmax(sqrt(sq), 1e-30);
-        for (int32_t j = 0; j < head_dim; ++j) a[(int64_t) h * head_dim + j] = (float) (m[j] * inv);
+        for (int32_t j = 0; j < head_dim; ++j) anchor[(int64_t) h * head_dim + j] = (float) (m[j] * inv);
     }
-    for (int64_t i = 0; i < n_cells; ++i) {  /* minus the cosine to it */
+    free(k);
+    free(sum);
+    return 0;
+}
+
+int32_t llamakv_keydiff_scores(const uint8_t * rows, int32_t type, int64_t row_bytes, int64_t n_cells,
+                               int32_t n_head_kv, int32_t head_dim, const float * anchor, float * out) {
+    if (check_type(type)) return ERR_BAD_TYPE;
+    const int64_t per_row = (int64_t) n_head_kv * head_dim;
+    float * k = malloc(per_row * sizeof(float));
+    if (k == NULL) return ERR_NO_MEMORY;
+    for (int64_t i = 0; i < n_cells; ++i) {
         row_to_float(rows + i * row_bytes, type, per_row, k);
         for (int32_t h = 0; h < n_head_kv; ++h) {
             const float * x = k + (int64_t) h * head_dim;
             const float norm = sqrtf(dot_f32(x, x, head_dim));
-            out[(int64_t) h * n_cells + i] = -dot_f32(x, a + (int64_t) h * head_dim, head_dim) / fmaxf(norm, 1e-6f);
+            out[(int64_t) h * n_cells + i] = -dot_f32(x, anchor + (int64_t) h * head_dim, head_dim) / fmaxf(norm, 1e-6f);
         }
     }
     free(k);
-    free(sum);
     return 0;
 }
 

@@ -65,10 +65,13 @@ int32_t llamakv_rows_to_float(const uint8_t * rows, int32_t type, int64_t row_by
 
 /* Expected-attention logits of one layer: for query head h and cell i, with k the cell's key of
  * head h's group as float, permuted by perm so that the rotated pairs come first (k[p], k[P + p]),
- * z[h][i] = m[h] . [k, k*k, (k[p] k[P+p])_p]: m [n_head][2 head_dim + n_pairs]. */
+ * z[h][i] = m[h] . [k, k*k, (k[p] k[P+p])_p]: m [n_head][2 head_dim + n_pairs]. Unless keydiff is
+ * NULL, also KeyDiff's scores from the same read of the keys: keydiff[g][i] = minus the cosine
+ * between the (permuted) key head g and anchor[g] (permuted the same way), anchor [n_head_kv][head_dim]. */
 int32_t llamakv_ea_logits(const uint8_t * rows, int32_t type, int64_t row_bytes, int64_t n_cells,
                           int32_t n_head, int32_t n_head_kv, int32_t head_dim,
-                          const float * m, const int32_t * perm, int32_t n_pairs, float * z);
+                          const float * m, const int32_t * perm, int32_t n_pairs, const float * anchor,
+                          float * keydiff, float * z);
 
 /* Expected Attention's scores of one layer from its logits z [n_head][n_cells] (overwritten): per
  * query head the softmax over the cells with scored[i] != 0, the mean over each GQA group, plus
@@ -77,11 +80,17 @@ int32_t llamakv_ea_logits(const uint8_t * rows, int32_t type, int64_t row_bytes,
 int32_t llamakv_ea_attention(float * z, int64_t n_cells, int32_t n_head, int32_t n_head_kv, const uint8_t * scored,
                              const float * vnorm, int64_t vnorm_stride, float epsilon, float * out);
 
-/* KeyDiff's scores of one layer: minus the cosine between each key head and the normalised mean
- * of the normalised keys of that head over the cells with scored[i] != 0 (all, if none is).
- * out [n_head_kv][n_cells]. */
+/* KeyDiff's anchor of one layer: per KV head, the normalised mean of the normalised key heads of the
+ * cells i = stride / 2 + j * stride with scored[i] != 0 (all of them, if none is; every cell, if
+ * that sample has none). anchor [n_head_kv][head_dim]. */
+int32_t llamakv_key_anchor(const uint8_t * rows, int32_t type, int64_t row_bytes, int64_t n_cells,
+                           int32_t n_head_kv, int32_t head_dim, const uint8_t * scored, int64_t stride,
+                           float * anchor);
+
+/* KeyDiff's scores of one layer: minus the cosine between each key head and its anchor
+ * [n_head_kv][head_dim]. out [n_head_kv][n_cells]. */
 int32_t llamakv_keydiff_scores(const uint8_t * rows, int32_t type, int64_t row_bytes, int64_t n_cells,
-                               int32_t n_head_kv, int32_t head_dim, const uint8_t * scored, float * out);
+                               int32_t n_head_kv, int32_t head_dim, const float * anchor, float * out);
 
 /* Attention of n_q queries to the cells of one layer, averaged over the queries: for each query head,
  * the softmax of q.k over the cells with scored[i] != 0 and cell_pos[i] <= qpos[w] (the query's

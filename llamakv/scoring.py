@@ -115,7 +115,8 @@ class Press(Protocol):
     name: str
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
-        """Scores [n_layer, n_head_kv, n_cells]; higher = more worth keeping."""
+        """Scores [n_layer, n_head_kv, n_cells], or [n_cells] for a press that combines per cell;
+        higher = more worth keeping."""
 
 
 def _group_mean(a: np.ndarray, n_head_kv: int) -> np.ndarray:
@@ -189,18 +190,25 @@ class ExpectedAttention:
         knows that queries much further on will read the cells (a streamed prompt)."""
         return max(self.n_future_positions, inputs.n_future)
 
-    def layer_logits(self, inputs: ScoreInputs, layer: int, folded=None, out: np.ndarray | None = None) -> np.ndarray:
+    def layer_logits(self, inputs: ScoreInputs, layer: int, folded=None, out: np.ndarray | None = None,
+                     anchor: np.ndarray | None = None, keydiff: np.ndarray | None = None) -> np.ndarray:
         """z [n_head, n_cells]: the expected log attention logit of each query head for each key
-        (`folded`: `_folded(inputs)`, when scoring every layer; into `out` if given)."""
+        (`folded`: `_folded(inputs)`, when scoring every layer; into `out` if given). With `anchor`
+        [n_head_kv, head_dim] also KeyDiff's scores into `keydiff` [n_head_kv, n_cells], from the
+        same read of the keys."""
         m, perm, n_pairs = folded or self._folded(inputs)
         n = inputs.n_cells
         z = np.empty((inputs.n_head, n), dtype=np.float32) if out is None else out
         lt = inputs.state.k[layer]
+        ffi = _shim.load().ffi
+        if anchor is not None:
+            anchor = np.ascontiguousarray(anchor[:, perm], dtype=np.float32)  # the kernel's order of dimensions
         if n:
             err = _shim.load().lib.llamakv_ea_logits(
                 _shim.ptr("uint8_t *", lt.data), lt.type, lt.row_bytes, n, inputs.n_head, inputs.n_head_kv,
                 inputs.head_dim, _shim.ptr("float *", m[layer]), _shim.ptr("int32_t *", perm), n_pairs,
-                _shim.ptr("float *", z))
+                ffi.NULL if anchor is None else _shim.ptr("float *", anchor),
+                ffi.NULL if anchor is None else _shim.ptr("float *", keydiff), _shim.ptr("float *", z))
             if err:
                 raise LlamaKVError(f"cannot score keys of ggml type {lt.type}")
         if self.use_covariance and self.full_covariance:
@@ -213,10 +221,15 @@ class ExpectedAttention:
             z += np.einsum("hnd,hde,hne->hn", k_bar, cov, k_bar, optimize=True) / (2 * d)
         return z
 
-    def score(self, inputs: ScoreInputs) -> np.ndarray:
+    def score(self, inputs: ScoreInputs, keydiff_sums: np.ndarray | None = None, anchor_sample: int = 0) -> np.ndarray:
+        """Scores [n_layer, n_head_kv, n_cells]. With `keydiff_sums` [n_layer, n_cells], also KeyDiff's
+        scores summed over each layer's KV heads, from the same read of the keys, its anchor from
+        about `anchor_sample` cells (0: all)."""
         n = inputs.n_cells
         scored = np.ascontiguousarray(_not_sink(inputs), dtype=np.uint8)
         if not scored.any():
+            if keydiff_sums is not None:
+                keydiff_sums[:] = np.inf
             return np.full((inputs.n_layer, inputs.n_head_kv, n), np.inf, dtype=np.float32)
         out = np.empty((inputs.n_layer, inputs.n_head_kv, n), dtype=np.float32)  # every entry written below
         folded = self._folded(inputs)
@@ -225,7 +238,13 @@ class ExpectedAttention:
         def score_layer(layer: int) -> None:
             # all in C, so the layers run in parallel without the GIL, and reading one layer's
             # values (memory-bound) overlaps another's logits (compute-bound)
-            z = self.layer_logits(inputs, layer, folded, _shim.scratch("logits", (inputs.n_head, n)))
+            anchor = keydiff = None
+            if keydiff_sums is not None:
+                anchor = key_anchor(inputs, layer, scored, anchor_sample)
+                keydiff = _shim.scratch("keydiff", (inputs.n_head_kv, n))
+            z = self.layer_logits(inputs, layer, folded, _shim.scratch("logits", (inputs.n_head, n)), anchor, keydiff)
+            if keydiff is not None:
+                keydiff.sum(axis=0, out=keydiff_sums[layer])
             v, stride = ffi.NULL, 0
             if self.use_vnorm:  # [n_cells, n_head_kv], rows `stride` floats apart
                 vl = inputs.layer_vnorm(layer, _shim.scratch("vnorm", (n, inputs.n_head_kv)))
@@ -292,13 +311,27 @@ class KeyDiff:
 
         def score_layer(layer: int) -> None:  # in C: numpy's float32 copy of every key was slow
             lt = inputs.state.k[layer]
+            anchor = key_anchor(inputs, layer, scored)
             if inputs.n_cells and lib.llamakv_keydiff_scores(
                     _shim.ptr("uint8_t *", lt.data), lt.type, lt.row_bytes, inputs.n_cells, inputs.n_head_kv,
-                    inputs.head_dim, _shim.ptr("uint8_t *", scored), _shim.ptr("float *", out[layer])):
+                    inputs.head_dim, _shim.ptr("float *", anchor), _shim.ptr("float *", out[layer])):
                 raise LlamaKVError(f"cannot read keys of ggml type {lt.type}")
 
         _shim.parallel_map(score_layer, range(inputs.n_layer))
         return _sinks_inf(out, inputs)
+
+
+def key_anchor(inputs: ScoreInputs, layer: int, scored: np.ndarray, sample: int = 0) -> np.ndarray:
+    """KeyDiff's anchor [n_head_kv, head_dim]: the normalised mean of the normalised keys of the scored
+    cells (uint8 mask), from every cell or, with `sample`, from every k-th, at least `sample` cells."""
+    lt = inputs.state.k[layer]
+    anchor = np.zeros((inputs.n_head_kv, inputs.head_dim), dtype=np.float32)
+    stride = max(1, inputs.n_cells // sample) if sample else 1
+    if inputs.n_cells and _shim.load().lib.llamakv_key_anchor(
+            _shim.ptr("uint8_t *", lt.data), lt.type, lt.row_bytes, inputs.n_cells, inputs.n_head_kv,
+            inputs.head_dim, _shim.ptr("uint8_t *", scored), stride, _shim.ptr("float *", anchor)):
+        raise LlamaKVError(f"cannot read keys of ggml type {lt.type}")
+    return anchor
 
 
 def _rank_percentile(x: np.ndarray) -> np.ndarray:
@@ -313,34 +346,32 @@ def _rank_percentile(x: np.ndarray) -> np.ndarray:
 
 
 def _cell_ranks(scores: np.ndarray) -> np.ndarray:
-    """A press's scores [n_layer, n_head_kv, n_cells] as one rank percentile per cell ("mean")."""
+    """A press's scores as one rank percentile per cell ("mean" aggregation)."""
     return _rank_percentile(aggregate(scores, "mean"))
-
-
-def _per_cell(cells: np.ndarray, inputs: ScoreInputs) -> np.ndarray:
-    """One score per cell as press scores: the same for every (layer, head)."""
-    return np.broadcast_to(cells.astype(np.float32), (inputs.n_layer, inputs.n_head_kv, inputs.n_cells)).copy()
 
 
 @dataclass
 class ExpectedAttentionKeyDiff:
     """Expected Attention and KeyDiff combined per cell: each aggregated over layers and heads
-    ("mean"), turned into rank percentiles, averaged with `weight` on Expected Attention. Expected
-    Attention keeps what the prompt's typical query reads (recent, generic cells), KeyDiff keys
-    that stand out from the rest (where a specific question can single them out); their mistakes
-    differ. One score per cell, the same for every (layer, head)."""
+    ("mean"; for KeyDiff, whose rows sum to <= 0, the plain mean), turned into rank percentiles,
+    averaged with `weight` on Expected Attention. Expected Attention keeps what the prompt's typical
+    query reads (recent, generic cells), KeyDiff keys that stand out from the rest (where a specific
+    question can single them out); their mistakes differ. Both from one read of the keys, KeyDiff's
+    anchor from about `anchor_sample` cells (0: every cell). One score per cell."""
 
     weight: float = 0.3
+    anchor_sample: int = 4096
     expected_attention: ExpectedAttention = field(default_factory=ExpectedAttention)
     name: str = "ea_keydiff"
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
-        ea = _cell_ranks(self.expected_attention.score(inputs))
-        kd = _cell_ranks(KeyDiff().score(inputs))
-        cells = np.full(inputs.n_cells, np.inf)  # sinks: infinite in both
-        finite = np.isfinite(ea) & np.isfinite(kd)
-        cells[finite] = self.weight * ea[finite] + (1 - self.weight) * kd[finite]
-        return _per_cell(cells, inputs)
+        kd_sums = np.empty((inputs.n_layer, inputs.n_cells), dtype=np.float32)
+        ea = _cell_ranks(self.expected_attention.score(inputs, kd_sums, self.anchor_sample))
+        kd = kd_sums.sum(axis=0, dtype=np.float64)
+        cells = np.full(inputs.n_cells, np.inf)  # sinks: infinite in Expected Attention's scores
+        finite = np.isfinite(ea)
+        cells[finite] = self.weight * ea[finite] + (1 - self.weight) * _rank_percentile(kd[finite])
+        return cells
 
 
 def _window_attention(inputs: ScoreInputs, layer: int, last: int | None = None) -> np.ndarray:
@@ -448,14 +479,15 @@ class QuestionAware:
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         base = _cell_ranks(self.base.score(inputs))
         asked = _cell_ranks(SnapKV(window=self.n_question, kernel=self.kernel).score(inputs))
-        return _per_cell(np.maximum(base, asked), inputs)  # sinks: infinite in both
+        return np.maximum(base, asked)  # sinks: infinite in both
 
 
 AGGREGATIONS = ("mean", "max", "votes")
 
 
 def aggregate(scores: np.ndarray, policy: str = "mean", n_keep: int | None = None) -> np.ndarray:
-    """One score per cell from scores [n_layer, n_head_kv, n_cells].
+    """One score per cell from scores [n_layer, n_head_kv, n_cells] (scores that are already one
+    per cell, [n_cells], are returned as they are, as float64).
 
     Each (layer, head) row is first normalised to sum 1 over the scored cells, so that layers
     with large value norms do not outvote the others; then
@@ -467,6 +499,8 @@ def aggregate(scores: np.ndarray, policy: str = "mean", n_keep: int | None = Non
     """
     if policy not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {policy!r}; choose one of {', '.join(AGGREGATIONS)}")
+    if scores.ndim == 1:
+        return scores.astype(np.float64)
     n_layer, n_head_kv, n = scores.shape
     finite = np.logical_and.reduce(_shim.parallel_map(lambda layer: np.isfinite(scores[layer]).all(axis=0),
                                                       range(n_layer)), initial=True)

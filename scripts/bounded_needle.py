@@ -214,12 +214,12 @@ class Pooled:
         s = np.array(self.inner.score(inputs), dtype=np.float32)
         sink = ~np.isfinite(s)
         order = np.argsort(inputs.pos, kind="stable")
-        x = np.where(sink, 0.0, s)[:, :, order]
+        x = np.where(sink, 0.0, s)[..., order]
         r = self.kernel // 2
-        p = np.pad(x, ((0, 0), (0, 0), (r, r)), constant_values=0.0)
-        pooled = np.max(np.stack([p[:, :, i:i + x.shape[-1]] for i in range(2 * r + 1)]), axis=0)
+        p = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(r, r)], constant_values=0.0)
+        pooled = np.max(np.stack([p[..., i:i + x.shape[-1]] for i in range(2 * r + 1)]), axis=0)
         out = np.empty_like(s)
-        out[:, :, order] = pooled
+        out[..., order] = pooled
         out[sink] = np.inf
         return out
 
