@@ -413,6 +413,31 @@ static inline float hsum(v8f a) {
 
 static inline v8f load8(const float * p) { v8f x; memcpy(&x, p, sizeof x); return x; }
 
+#if defined(__AVX512F__)
+typedef float vwf __attribute__((vector_size(64)));  /* the widest vectors there are */
+#else
+typedef v8f vwf;
+#endif
+enum { VW = sizeof(vwf) / sizeof(float) };
+static inline vwf loadw(const float * p) { vwf x; memcpy(&x, p, sizeof x); return x; }
+
+typedef float v4f __attribute__((vector_size(16)));
+static inline float hsumw(vwf a) {  /* halving, not lane by lane: the logits kernel sums 8 of these per cell pair */
+#if defined(__AVX512F__)
+    v8f lo, hi;
+    memcpy(&lo, &a, sizeof lo);
+    memcpy(&hi, (const char *) &a + sizeof lo, sizeof hi);
+    v8f s8 = lo + hi;
+#else
+    v8f s8 = a;
+#endif
+    v4f l4, h4;
+    memcpy(&l4, &s8, sizeof l4);
+    memcpy(&h4, (const char *) &s8 + sizeof l4, sizeof h4);
+    const v4f s4 = l4 + h4;
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
 static inline float dot_f32(const float * a, const float * b, int32_t n) {
     v8f acc = {0};
     int32_t j = 0;
@@ -470,18 +495,45 @@ static inline void key_features(const float * src, const int32_t * perm, int32_t
     for (int32_t p = 0; p < P; ++p) f[2 * d + p] = f[p] * f[P + p];
 }
 
-#if defined(__clang__)
-#define EVENS8(l, h) __builtin_shufflevector(l, h, 0, 2, 4, 6, 8, 10, 12, 14)
-#define ODDS8(l, h) __builtin_shufflevector(l, h, 1, 3, 5, 7, 9, 11, 13, 15)
+#if defined(__AVX512F__)
+typedef int32_t vwi __attribute__((vector_size(64)));
+#define W_EVENS (vwi) {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}
+#define W_ODDS (vwi) {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}
+#define CL_EVENS 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30
+#define CL_ODDS 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31
 #else
-#define EVENS8(l, h) __builtin_shuffle(l, h, (v8i) {0, 2, 4, 6, 8, 10, 12, 14})
-#define ODDS8(l, h) __builtin_shuffle(l, h, (v8i) {1, 3, 5, 7, 9, 11, 13, 15})
+typedef v8i vwi;
+#define W_EVENS (vwi) {0, 2, 4, 6, 8, 10, 12, 14}
+#define W_ODDS (vwi) {1, 3, 5, 7, 9, 11, 13, 15}
+#define CL_EVENS 0, 2, 4, 6, 8, 10, 12, 14
+#define CL_ODDS 1, 3, 5, 7, 9, 11, 13, 15
+#endif
+#if defined(__clang__)
+#define EVENSW(l, h) __builtin_shufflevector(l, h, CL_EVENS)
+#define ODDSW(l, h) __builtin_shufflevector(l, h, CL_ODDS)
+#else
+#define EVENSW(l, h) __builtin_shuffle(l, h, W_EVENS)
+#define ODDSW(l, h) __builtin_shuffle(l, h, W_ODDS)
 #endif
 
-/* The logits when every dimension is rotated (2 P = d), the pairs are (2p, 2p + 1) (NORM) or
- * (p, P + p) (NEOX), P is a multiple of 8 and the group a multiple of 4: the features of 8 pairs
- * (k_a, k_b, k_a², k_b², k_a k_b) live in registers, 2 cells x 4 heads at a time, instead of being
- * written out first (29 -> 21 ms per layer of the 8B shape on one thread of the H200 machine's Xeon). */
+/* One vector of VW rotated pairs (k_a, k_b) of a key head starting at pair p: the pairs are
+ * (2p, 2p + 1) (NORM) or (p, P + p) (NEOX). */
+static inline void load_pairs(const float * k, int32_t p, int32_t P, bool norm, vwf * a, vwf * b) {
+    if (norm) {
+        const vwf l = loadw(k + 2 * p), u = loadw(k + 2 * p + VW);
+        *a = EVENSW(l, u);
+        *b = ODDSW(l, u);
+    } else {
+        *a = loadw(k + p);
+        *b = loadw(k + P + p);
+    }
+}
+
+/* The logits when every dimension is rotated (2 P = d) in NORM or NEOX pairs and P is a multiple of
+ * the vector width: the features of VW pairs (k_a, k_b, k_a², k_b², k_a k_b) live in registers, 2
+ * cells x 4 heads at a time, instead of being written out first (29 -> 21 ms per layer of the 8B
+ * shape on one thread of the H200 machine's Xeon with 8 lanes). Any group size: the rows past the
+ * group's end repeat its first and are not stored. */
 static void ea_logits_fused(const uint8_t * rows, int32_t type, int64_t row_bytes, int64_t n_cells, int32_t n_head,
                             int32_t n_head_kv, int32_t d, const float * m, int32_t F, bool norm, const float * anchor,
                             float * keydiff, float * k, float * z) {
@@ -495,46 +547,39 @@ static void ea_logits_fused(const uint8_t * rows, int32_t type, int64_t row_byte
             const float * k0 = k + (int64_t) g * d, * k1 = k0 + per_row;
             if (keydiff != NULL) {  /* minus the cosine to the anchor, while the key is at hand */
                 const float * u = anchor + (int64_t) g * d;
-                v8f n0 = {0}, n1 = {0}, c0 = {0}, c1 = {0};
-                for (int32_t p = 0; p < P; p += 8) {
-                    v8f a0, b0, a1, b1;
-                    if (norm) {
-                        const v8f l0 = load8(k0 + 2 * p), u0 = load8(k0 + 2 * p + 8);
-                        const v8f l1 = load8(k1 + 2 * p), u1 = load8(k1 + 2 * p + 8);
-                        a0 = EVENS8(l0, u0); b0 = ODDS8(l0, u0); a1 = EVENS8(l1, u1); b1 = ODDS8(l1, u1);
-                    } else {
-                        a0 = load8(k0 + p); b0 = load8(k0 + P + p); a1 = load8(k1 + p); b1 = load8(k1 + P + p);
-                    }
-                    const v8f ua = load8(u + p), ub = load8(u + P + p);
+                vwf n0 = {0}, n1 = {0}, c0 = {0}, c1 = {0};
+                for (int32_t p = 0; p < P; p += VW) {
+                    vwf a0, b0, a1, b1;
+                    load_pairs(k0, p, P, norm, &a0, &b0);
+                    load_pairs(k1, p, P, norm, &a1, &b1);
+                    const vwf ua = loadw(u + p), ub = loadw(u + P + p);
                     n0 += a0 * a0 + b0 * b0; n1 += a1 * a1 + b1 * b1;
                     c0 += a0 * ua + b0 * ub; c1 += a1 * ua + b1 * ub;
                 }
-                keydiff[(int64_t) g * n_cells + i0] = -hsum(c0) / fmaxf(sqrtf(hsum(n0)), 1e-6f);
-                keydiff[(int64_t) g * n_cells + i1] = -hsum(c1) / fmaxf(sqrtf(hsum(n1)), 1e-6f);
+                keydiff[(int64_t) g * n_cells + i0] = -hsumw(c0) / fmaxf(sqrtf(hsumw(n0)), 1e-6f);
+                keydiff[(int64_t) g * n_cells + i1] = -hsumw(c1) / fmaxf(sqrtf(hsumw(n1)), 1e-6f);
             }
             for (int32_t h0 = g * group; h0 < (g + 1) * group; h0 += 4) {
-                v8f acc[4][2] = {{{0}}};
-                for (int32_t p = 0; p < P; p += 8) {
-                    v8f a0, b0, a1, b1;
-                    if (norm) {
-                        const v8f l0 = load8(k0 + 2 * p), u0 = load8(k0 + 2 * p + 8);
-                        const v8f l1 = load8(k1 + 2 * p), u1 = load8(k1 + 2 * p + 8);
-                        a0 = EVENS8(l0, u0); b0 = ODDS8(l0, u0); a1 = EVENS8(l1, u1); b1 = ODDS8(l1, u1);
-                    } else {
-                        a0 = load8(k0 + p); b0 = load8(k0 + P + p); a1 = load8(k1 + p); b1 = load8(k1 + P + p);
-                    }
-                    const v8f aa0 = a0 * a0, bb0 = b0 * b0, ab0 = a0 * b0, aa1 = a1 * a1, bb1 = b1 * b1, ab1 = a1 * b1;
+                const int32_t nh = (g + 1) * group - h0 < 4 ? (g + 1) * group - h0 : 4;
+                const float * w0 = m + (int64_t) h0 * F;
+                const float * wr[4] = {w0, nh > 1 ? w0 + F : w0, nh > 2 ? w0 + 2 * F : w0, nh > 3 ? w0 + 3 * F : w0};
+                vwf acc[4][2] = {{{0}}};
+                for (int32_t p = 0; p < P; p += VW) {
+                    vwf a0, b0, a1, b1;
+                    load_pairs(k0, p, P, norm, &a0, &b0);
+                    load_pairs(k1, p, P, norm, &a1, &b1);
+                    const vwf aa0 = a0 * a0, bb0 = b0 * b0, ab0 = a0 * b0, aa1 = a1 * a1, bb1 = b1 * b1, ab1 = a1 * b1;
                     for (int h = 0; h < 4; ++h) {
-                        const float * w = m + (int64_t) (h0 + h) * F + p;
-                        const v8f wa = load8(w), wb = load8(w + P), da = load8(w + d), db = load8(w + d + P);
-                        const v8f c = load8(w + 2 * d);
+                        const float * w = wr[h] + p;
+                        const vwf wa = loadw(w), wb = loadw(w + P), da = loadw(w + d), db = loadw(w + d + P);
+                        const vwf c = loadw(w + 2 * d);
                         acc[h][0] += a0 * wa + b0 * wb + aa0 * da + bb0 * db + ab0 * c;
                         acc[h][1] += a1 * wa + b1 * wb + aa1 * da + bb1 * db + ab1 * c;
                     }
                 }
-                for (int h = 0; h < 4; ++h) {
-                    z[(int64_t) (h0 + h) * n_cells + i0] = hsum(acc[h][0]);
-                    z[(int64_t) (h0 + h) * n_cells + i1] = hsum(acc[h][1]);
+                for (int h = 0; h < nh; ++h) {
+                    z[(int64_t) (h0 + h) * n_cells + i0] = hsumw(acc[h][0]);
+                    z[(int64_t) (h0 + h) * n_cells + i1] = hsumw(acc[h][1]);
                 }
             }
         }
@@ -553,7 +598,7 @@ int32_t llamakv_ea_logits(const uint8_t * rows, int32_t type, int64_t row_bytes,
     bool identity = true, adjacent = 2 * P == d;
     for (int32_t j = 0; j < d; ++j) identity = identity && perm[j] == j;
     for (int32_t p = 0; p < P && adjacent; ++p) adjacent = perm[p] == 2 * p && perm[P + p] == 2 * p + 1;
-    if (2 * P == d && P % 8 == 0 && group % 4 == 0 && (identity || adjacent)) {
+    if (2 * P == d && P % VW == 0 && (identity || adjacent)) {
         float * k = malloc(2 * per_row * sizeof(float));
         if (k == NULL) return ERR_NO_MEMORY;
         ea_logits_fused(rows, type, row_bytes, n_cells, n_head, n_head_kv, d, m, F, adjacent, anchor, keydiff, k, z);
@@ -719,14 +764,8 @@ int32_t llamakv_keydiff_scores(const uint8_t * rows, int32_t type, int64_t row_b
  * once per 4 rows and each query element broadcast: no horizontal sums, and stores along the rows
  * of z (dot_block's cells x rows blocks need both; with them this kernel took about twice as
  * long). z rows are zs apart; only nb cells stored. */
+
 enum { KB = 64 };
-#if defined(__AVX512F__)
-typedef float vwf __attribute__((vector_size(64)));  /* the widest vectors there are */
-#else
-typedef v8f vwf;
-#endif
-enum { VW = sizeof(vwf) / sizeof(float) };
-static inline vwf loadw(const float * p) { vwf x; memcpy(&x, p, sizeof x); return x; }
 
 static void logits_block(const float * q, int32_t n_rows, int32_t d, const float * kt, int32_t nb, float * z,
                          int64_t zs) {

@@ -58,16 +58,17 @@ def reference_scores(session, layer, n_future, eps):
 
 
 @pytest.mark.parametrize("mode", [0, 2], ids=["norm", "neox"])
-@pytest.mark.parametrize("group", [4, 3])  # 4: the kernel with features in registers; 3: the general one
-def test_scores_of_synthetic_keys_equal_numpy_reference(mode, group):
-    """Shapes the real test models do not have (their GQA groups are 3 and 7), an odd cell count."""
+@pytest.mark.parametrize("group", [4, 3])
+@pytest.mark.parametrize("rotated", [32, 16], ids=["all", "half"])  # the kernel with features in registers; the general one
+def test_scores_of_synthetic_keys_equal_numpy_reference(mode, group, rotated):
+    """Shapes the real test models do not have (their GQA groups are 3 and 7; partial rotation), an odd cell count."""
     rng = np.random.default_rng(mode + group)
     n, n_layer, n_head_kv, d = 203, 2, 2, 32
     stats = QueryStats(n_layer, n_head_kv * group, d)
     stats.count[:] = 50
     stats.mean[:] = rng.standard_normal(stats.mean.shape)
     stats.m2[:] = rng.random(stats.m2.shape) * 100
-    rope = RopeParams(n_dims=d, mode=mode, n_ctx_orig=4096, freq_base=1e4, freq_scale=1.0, ext_factor=0.0,
+    rope = RopeParams(n_dims=rotated, mode=mode, n_ctx_orig=4096, freq_base=1e4, freq_scale=1.0, ext_factor=0.0,
                       attn_factor=1.0, beta_fast=32.0, beta_slow=1.0)
     keys = rng.standard_normal((n, n_layer, n_head_kv, d)).astype(np.float32)
     vnorm = rng.random((n, n_layer, n_head_kv)).astype(np.float32) + 0.5
