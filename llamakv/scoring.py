@@ -511,6 +511,13 @@ def aggregate(scores: np.ndarray, policy: str = "mean", n_keep: int | None = Non
     k = n_finite if n_keep is None else int(min(max(n_keep, 0), n_finite))
 
     def layer_parts(layer: int):  # per layer, in parallel: [share summed over heads, max share, votes]
+        if policy == "mean":  # no normalised copy: each head's row times 1 / its sum, accumulated
+            rows = scores[layer]
+            inv = 1.0 / np.maximum(rows.sum(axis=-1, where=finite, dtype=np.float64), 1e-30)
+            acc = np.zeros(n, dtype=np.float64)
+            for h in range(n_head_kv):
+                acc += rows[h] * inv[h]
+            return acc[finite], None, None
         s = scores[layer][:, finite].astype(np.float32)
         s /= np.maximum(s.sum(axis=-1, keepdims=True, dtype=np.float64), 1e-30).astype(np.float32)
         votes = np.zeros(n_finite)
