@@ -550,9 +550,16 @@ PRESSES = {
 }
 
 
-def make_press(name: str, **kwargs) -> Press:
+def make_press(name: str, expected_attention: dict | None = None, **kwargs) -> Press:
+    """The press `name` with its own settings `kwargs`; `expected_attention`: settings of Expected
+    Attention (n_future_positions, epsilon, ...) for the presses that use it, ignored by the others."""
     try:
         cls = PRESSES[name.replace("-", "_")]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(PRESSES)}") from None
+    ea = expected_attention or {}
+    if cls is ExpectedAttention:
+        return cls(**{**ea, **kwargs})
+    if cls is ExpectedAttentionKeyDiff:
+        return cls(**kwargs, expected_attention=ExpectedAttention(**ea))
     return cls(**kwargs)

@@ -288,3 +288,13 @@ def test_keydiff_equals_numpy_formula(prefilled):
         ref = -np.einsum("nhd,hd->hn", k, anchor)
         np.testing.assert_allclose(got[layer][:, not_sink], ref[:, not_sink], rtol=1e-4, atol=1e-5)
     assert np.isinf(got[:, :, ~not_sink]).all()
+
+
+def test_make_press_passes_expected_attention_settings_to_the_presses_that_use_it():
+    settings = {"epsilon": 0.1, "n_future_positions": 64}
+    assert make_press("expected_attention", expected_attention=settings).epsilon == 0.1
+    inner = make_press("ea_keydiff", expected_attention=settings).expected_attention
+    assert (inner.epsilon, inner.n_future_positions) == (0.1, 64)
+    assert make_press("keydiff", expected_attention=settings).name == "keydiff"  # ignored there
+    with pytest.raises(TypeError):
+        make_press("expected_attention", expected_attention={"epsilom": 0.1})

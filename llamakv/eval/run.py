@@ -123,8 +123,8 @@ def run_eval(session, samples: Sequence[Sample], *, methods: Sequence[str] = ("e
         if not 0.0 <= r < 1.0:
             raise ValueError(f"ratios must be in [0, 1), got {r}")
     methods = [m for m in methods if m != "full"]
-    # press_kwargs are Expected Attention's settings; unknown names fail here
-    presses = {m: make_press(m, **((press_kwargs or {}) if m == "expected_attention" else {})) for m in methods}
+    # press_kwargs are Expected Attention's settings (also inside ea_keydiff); unknown names fail here
+    presses = {m: make_press(m, expected_attention=press_kwargs) for m in methods}
     configs = [(m, r, a, mode) for m in methods for r in sorted(set(ratios)) if r > 0
                for a in aggregations for mode in modes]
     log = log or (lambda s: None)
