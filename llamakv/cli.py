@@ -94,9 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "to the method's choice, then it is asked as usual. Default: query-agnostic, the cache "
                         "serves any question (e.g. a saved state)")
     c.add_argument("--save", metavar="PATH", help="save the compressed state here (reload with `llamakv ask`)")
-    c.add_argument("--method", default="expected_attention", choices=sorted(PRESSES), help="scoring method")
+    c.add_argument("--method", default="ea_keydiff", choices=sorted(PRESSES),
+                   help="scoring method (default ea_keydiff: Expected Attention and KeyDiff)")
     c.add_argument("--aggregation", default="mean", choices=AGGREGATIONS,
-                   help="how per-head scores become one score per cell (default mean)")
+                   help="how per-head scores become one score per cell (default mean; ea_keydiff and the "
+                        "question's guidance combine per cell, with mean)")
     c.add_argument("--n-future", type=int, default=512, help="future positions RoPE is averaged over")
     c.add_argument("--epsilon", type=float, default=0.0,
                    help="added to attention before the value norm (default 0, chosen by benchmarks/quality)")

@@ -83,7 +83,7 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     k = p.add_argument_group("compression (defaults; a request overrides them in its \"llamakv\" object)")
     k.add_argument("--kv-ratio", type=float, default=0.5,
                    help="fraction of a conversation's tokens whose cells are evicted, in [0, 1) (default 0.5)")
-    k.add_argument("--kv-method", default="expected_attention", choices=sorted(PRESSES), help="scoring method")
+    k.add_argument("--kv-method", default="ea_keydiff", choices=sorted(PRESSES), help="scoring method")
     k.add_argument("--kv-aggregation", default="mean", choices=AGGREGATIONS, help="per-head to per-cell scores")
     k.add_argument("--kv-min-tokens", type=int, default=1024,
                    help="compress only conversations of at least this many tokens (default 1024)")

@@ -27,7 +27,7 @@ from ._shim import HostBuffer
 from .capture import Capture
 from .errors import CacheFullError, LlamaKVError, ModelError, StateError, UnsupportedModelError
 from .models import check_gguf, resolve_model
-from .scoring import ExpectedAttention, Press, QuestionAware, ScoreInputs, aggregate
+from .scoring import ExpectedAttention, ExpectedAttentionKeyDiff, Press, QuestionAware, ScoreInputs, aggregate
 
 # architectures whose pre-RoPE query is `Qcur-N` (RESHAPE, or VIEW with fused QKV) and whose
 # attention scale is 1/sqrt(head_dim); value: the query tensor is the QK-normed one
@@ -148,7 +148,7 @@ class KVSession:
         self.head_dim = int(key_len) if key_len else llama_cpp.llama_model_n_embd(model) // self.n_head
         self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
         self.n_sink = n_sink
-        self.press = press or ExpectedAttention(full_covariance=full_covariance)
+        self.press = press or ExpectedAttentionKeyDiff(expected_attention=ExpectedAttention(full_covariance=full_covariance))
         self.aggregation = aggregation
 
         params = llama.context_params
@@ -462,7 +462,10 @@ class KVSession:
         protected = (pos < self.n_sink) | (pos >= self.next_pos - max(1, protect_recent))
         candidates = np.flatnonzero(~protected)
         n_evict = int(math.floor(ratio * len(candidates)))
-        cell_scores = aggregate(press.score(inputs), aggregation, n_keep=len(candidates) - n_evict)
+        scores = press.score(inputs)
+        cell_scores = aggregate(scores, aggregation, n_keep=len(candidates) - n_evict)
+        if scores.ndim == 1:
+            aggregation = "mean"  # what the presses that combine per cell use, whatever was asked
         order = np.argsort(cell_scores[candidates], kind="stable")
         evict_rows = np.sort(candidates[order[:n_evict]])
         t2 = time.perf_counter()

@@ -155,12 +155,12 @@ def test_end_to_end_small_run(tmp_path, capsys):
     assert int(full["cells"]) == samples[0].n_tokens
     for r, mode in zip(rows[1:], modes):
         assert (r["method"], float(r["ratio"]), r["aggregation"], r["mode"]) == (
-            "expected_attention", 0.5, "mean", mode)
+            "ea_keydiff", 0.5, "mean", mode)  # the default method
         assert int(r["cells"]) < 0.6 * int(full["cells"])
         assert float(r["kl"]) >= 0.0
     md = (out / "e2e.md").read_text()
     assert "| full | 0 | - | - | 100.0 | **100.0** |" in md
-    assert "| expected_attention | 0.5 | mean | agnostic |" in md
+    assert "| ea_keydiff | 0.5 | mean | agnostic |" in md
     assert (out / "e2e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -78,7 +78,7 @@ def test_question_guided_compression_leaves_no_trace_of_the_question(needle_sess
     recent_q, recent_pos = s.capture.recent_queries()
     q = s.tokenize(question)
     report = s.compress(0.5, question=q)
-    assert report.question_tokens == len(q) and report.method == "expected_attention+question"
+    assert report.question_tokens == len(q) and report.method == "ea_keydiff+question"
     assert report.cells_before == n and report.cells_after == s.n_cells == n - math.floor(0.5 * (n - s.n_sink - 1))
     held = state_positions(s.cache.get_state())
     np.testing.assert_array_equal(np.sort(held), s.positions)

@@ -106,7 +106,7 @@ def _answer(session, prompt: Sequence[int], max_tokens: int) -> str:
 
 
 # -- the runner ---------------------------------------------------------------------------------
-def run_eval(session, samples: Sequence[Sample], *, methods: Sequence[str] = ("expected_attention",),
+def run_eval(session, samples: Sequence[Sample], *, methods: Sequence[str] = ("ea_keydiff",),
              ratios: Sequence[float] = (0.0, 0.5), aggregations: Sequence[str] = ("mean",),
              modes: Sequence[str] = ("agnostic",), kl_tokens: int = 64, chat: bool = True,
              model: str = "?", press_kwargs: dict | None = None, max_new_tokens: int | None = None,
@@ -328,7 +328,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, default=4096,
                    help="target tokens: prompt (chat template included) + tokens to generate (default 4096)")
     p.add_argument("--seed", type=int, default=42, help="seed of the task generator (default 42)")
-    p.add_argument("--methods", nargs="+", default=["expected_attention"],
+    p.add_argument("--methods", nargs="+", default=["ea_keydiff"],
                    help="comma-separated presses (llamakv.scoring.PRESSES); 'full' = the full cache, always run")
     p.add_argument("--ratios", nargs="+", default=["0,0.25,0.5,0.75"],
                    help="comma-separated fractions of cells to evict; 0 = the full cache (default 0,0.25,0.5,0.75)")
