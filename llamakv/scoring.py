@@ -4,6 +4,8 @@ A press looks at the cache (keys after RoPE and values, read from the sequence s
 statistics, the window of recent queries and the model's rope, and returns scores per (layer,
 KV head, cell): higher means keep. llama.cpp frees whole cells (every layer and head of a token
 at once), so `aggregate` turns those scores into one score per cell through an explicit policy.
+Presses that combine other presses per cell (ea_keydiff, the default; a question's guidance)
+return one score per cell themselves.
 """
 from __future__ import annotations
 
