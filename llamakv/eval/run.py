@@ -181,7 +181,7 @@ def run_eval(session, samples: Sequence[Sample], *, methods: Sequence[str] = ("e
             session.restore(snaps["aware" if mode == "aware" else "agnostic"])
             t0 = time.perf_counter()
             kw = {"protect_recent": len(q) - 1} if mode == "aware" else {"question": q} if mode == "guided" else {}
-            session.compress(ratio, press=presses[method], aggregation=agg, **kw)
+            report = session.compress(ratio, press=presses[method], aggregation=agg, **kw)
             cells = session.n_cells
             compressed = session.snapshot() if ref is not None else None
             rest = q[-1:] if mode == "aware" else q
@@ -191,7 +191,8 @@ def run_eval(session, samples: Sequence[Sample], *, methods: Sequence[str] = ("e
             if ref is not None:
                 session.restore(compressed)
                 kl = mean_kl(ref, teacher_forced(session, rest, answer_toks))
-            emit(sample, i, method, ratio, agg, mode, answer, kl, cells + len(rest), seconds)
+            # the aggregation used: presses that combine per cell (ea_keydiff) use their own
+            emit(sample, i, method, ratio, report.aggregation, mode, answer, kl, cells + len(rest), seconds)
     return rows
 
 
