@@ -405,10 +405,13 @@ int32_t llamakv_rows_to_float(const uint8_t * rows, int32_t type, int64_t row_by
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 
-static inline float hsum(v8f a) {
-    float s = 0.0f;
-    for (int u = 0; u < 8; ++u) s += a[u];
-    return s;
+typedef float v4f __attribute__((vector_size(16)));
+static inline float hsum(v8f a) {  /* halving, not lane by lane */
+    v4f l4, h4;
+    memcpy(&l4, &a, sizeof l4);
+    memcpy(&h4, (const char *) &a + sizeof l4, sizeof h4);
+    const v4f s4 = l4 + h4;
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
 static inline v8f load8(const float * p) { v8f x; memcpy(&x, p, sizeof x); return x; }
@@ -421,21 +424,15 @@ typedef v8f vwf;
 enum { VW = sizeof(vwf) / sizeof(float) };
 static inline vwf loadw(const float * p) { vwf x; memcpy(&x, p, sizeof x); return x; }
 
-typedef float v4f __attribute__((vector_size(16)));
-static inline float hsumw(vwf a) {  /* halving, not lane by lane: the logits kernel sums 8 of these per cell pair */
+static inline float hsumw(vwf a) {
 #if defined(__AVX512F__)
     v8f lo, hi;
     memcpy(&lo, &a, sizeof lo);
     memcpy(&hi, (const char *) &a + sizeof lo, sizeof hi);
-    v8f s8 = lo + hi;
+    return hsum(lo + hi);
 #else
-    v8f s8 = a;
+    return hsum(a);
 #endif
-    v4f l4, h4;
-    memcpy(&l4, &s8, sizeof l4);
-    memcpy(&h4, (const char *) &s8 + sizeof l4, sizeof h4);
-    const v4f s4 = l4 + h4;
-    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
 static inline float dot_f32(const float * a, const float * b, int32_t n) {
@@ -759,14 +756,13 @@ int32_t llamakv_keydiff_scores(const uint8_t * rows, int32_t type, int64_t row_b
     return 0;
 }
 
+enum { KB = 64 };
+
 /* z[r][c] = q[r] . k[c] for the n_rows query rows q (stride d) and a block of KB cells whose keys
  * are transposed, kt[j][c]: 4 rows x 2 vectors of cells of accumulators, each key vector loaded
  * once per 4 rows and each query element broadcast: no horizontal sums, and stores along the rows
  * of z (dot_block's cells x rows blocks need both; with them this kernel took about twice as
  * long). z rows are zs apart; only nb cells stored. */
-
-enum { KB = 64 };
-
 static void logits_block(const float * q, int32_t n_rows, int32_t d, const float * kt, int32_t nb, float * z,
                          int64_t zs) {
     for (int32_t r0 = 0; r0 < n_rows; r0 += 4) {
