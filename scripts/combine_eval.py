@@ -1,44 +1,77 @@
 #!/usr/bin/env python3
 """One table from several `llamakv eval` CSVs (e.g. runs with different seeds): per method and
 ratio, each task's mean over every sample of every file, the mean over tasks, its share of the
-full cache's score on the same samples, and the mean KL. Rows of a method that did not run on
-every sample are left out (their share would compare different samples). Markdown to stdout.
+full cache's score on the same samples, the mean KL, and how sure the difference to a reference
+method at the same ratio is: the paired difference of the averages with a 95% interval from a
+bootstrap over samples (resampled within each task, the same draw for every method). Rows of a
+method that did not run on every sample are left out (they would compare different samples).
+Markdown to stdout.
 
     python scripts/combine_eval.py benchmarks/quality/smollm2_4k_seed7.csv benchmarks/quality/smollm2_4k_seed11.csv
 """
+import argparse
 import csv
-import sys
 from collections import defaultdict
 
+import numpy as np
 
-def main(paths: list[str]) -> None:
-    scores = defaultdict(lambda: defaultdict(list))  # (method, ratio, aggregation, mode) -> task -> scores
-    kl, samples = defaultdict(list), defaultdict(set)
+
+def load(paths: list[str]) -> dict:
+    """(method, ratio, aggregation, mode) -> {(file, task, sample): (score, kl)}"""
+    runs = defaultdict(dict)
     for path in paths:
         with open(path, newline="") as f:
             for r in csv.DictReader(f):
                 key = (r["method"], float(r["ratio"]), r["aggregation"] or "-", r["mode"] or "-")
-                scores[key][r["task"]].append(float(r["score"]))
-                kl[key].append(float(r["kl"]))
-                samples[key].add((path, r["task"], r["sample"]))
-    full = next(k for k in scores if k[0] == "full")
-    tasks = sorted(scores[full])
+                runs[key][(path, r["task"], r["sample"])] = (float(r["score"]), float(r["kl"]))
+    return runs
 
-    def average(key):
-        return sum(sum(v) / len(v) for v in scores[key].values()) / len(tasks)
 
-    print(f"{len(samples[full])} samples from {len(paths)} files\n")
-    print("| method | ratio | aggregation | mode | " + " | ".join(tasks) + " | average | of full | mean KL |")
-    print("|---|---|---|---|" + "---|" * (len(tasks) + 3))
-    for key in sorted(scores, key=lambda k: (k[1], -average(k))):
-        if samples[key] != samples[full]:
-            continue
-        cells = " | ".join(f"{sum(scores[key][t]) / len(scores[key][t]):.1f}" for t in tasks)
-        print(f"| {key[0]} | {key[1]:g} | {key[2]} | {key[3]} | {cells} | **{average(key):.1f}** | "
-              f"{100 * average(key) / average(full):.0f}% | {sum(kl[key]) / len(kl[key]):.3f} |")
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("csv", nargs="+")
+    ap.add_argument("--reference", default="ea_keydiff", help="method the differences are taken to (default: ea_keydiff)")
+    ap.add_argument("--bootstrap", type=int, default=10000, help="bootstrap draws (default: 10000)")
+    args = ap.parse_args(argv)
+    runs = load(args.csv)
+    full = next(k for k in runs if k[0] == "full")
+    samples = sorted(runs[full])
+    keys = [k for k in runs if set(runs[k]) == set(samples)]
+    tasks = sorted({s[1] for s in samples})
+    score = np.array([[runs[k][s][0] for s in samples] for k in keys])  # [key, sample]
+    in_task = [np.flatnonzero([s[1] == t for s in samples]) for t in tasks]
+
+    rng = np.random.default_rng(0)
+    draws = np.zeros((len(keys), args.bootstrap))  # each key's average over tasks, per bootstrap draw
+    for cols in in_task:
+        pick = cols[rng.integers(0, len(cols), size=(args.bootstrap, len(cols)))]
+        draws += score[:, pick].mean(axis=-1) / len(tasks)
+    per_task = np.stack([score[:, cols].mean(axis=1) for cols in in_task], axis=1)  # [key, task]
+    average = per_task.mean(axis=1)
+    index = {k: i for i, k in enumerate(keys)}
+
+    def versus(i: int) -> str:
+        ref = index.get((args.reference, keys[i][1], keys[i][2], keys[i][3]))
+        if ref is None:  # the reference's rows of another aggregation or mode, if only those ran
+            ref = next((index[k] for k in keys if k[0] == args.reference and k[1] == keys[i][1]), None)
+        if ref is None or ref == i or keys[i][0] == "full":
+            return ""
+        lo, hi = np.percentile(draws[i] - draws[ref], [2.5, 97.5])
+        return f"{average[i] - average[ref]:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+
+    print(f"{len(samples)} samples from {len(args.csv)} files; last column: paired difference to "
+          f"{args.reference} at the same ratio, 95% bootstrap interval\n")
+    print("| method | ratio | aggregation | mode | " + " | ".join(tasks)
+          + f" | average | of full | mean KL | vs {args.reference} |")
+    print("|---|---|---|---|" + "---|" * (len(tasks) + 4))
+    f = index[full]
+    for i in sorted(range(len(keys)), key=lambda i: (keys[i][1], -average[i])):
+        k = keys[i]
+        kl = np.mean([runs[k][s][1] for s in samples])
+        cells = " | ".join(f"{v:.1f}" for v in per_task[i])
+        print(f"| {k[0]} | {k[1]:g} | {k[2]} | {k[3]} | {cells} | **{average[i]:.1f}** | "
+              f"{100 * average[i] / average[f]:.0f}% | {kl:.3f} | {versus(i)} |")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit(__doc__)
-    main(sys.argv[1:])
+    main()
