@@ -4,10 +4,15 @@ ratio, each task's mean over every sample of every file, the mean over tasks, it
 full cache's score on the same samples, the mean KL, and how sure the difference to a reference
 method at the same ratio is: the paired difference of the averages with a 95% interval from a
 bootstrap over samples (resampled within each task, the same draw for every method). Rows of a
-method that did not run on every sample are left out (they would compare different samples).
+method that did not run on every sample are left out (they would compare different samples), or
+with `--common` only the samples every method ran on are used.
 Markdown to stdout.
 
     python scripts/combine_eval.py benchmarks/quality/smollm2_4k_seed7.csv benchmarks/quality/smollm2_4k_seed11.csv
+
+Rows of `scripts/kvpress_parity.py --csv` are read too (methods named ENGINE:METHOD, with kvpress's epsilon). With
+`--same-samples` every file holds results on one set of samples (e.g. the kvpress runs and
+`llamakv eval` on the samples it dumped), matched by task and index instead of by file.
 """
 import argparse
 import csv
@@ -16,14 +21,18 @@ from collections import defaultdict
 import numpy as np
 
 
-def load(paths: list[str]) -> dict:
+def load(paths: list[str], same_samples: bool = False) -> dict:
     """(method, ratio, aggregation, mode) -> {(file, task, sample): (score, kl)}"""
     runs = defaultdict(dict)
     for path in paths:
         with open(path, newline="") as f:
             for r in csv.DictReader(f):
+                if "engine" in r:  # kvpress_parity.py: its pipeline is query-agnostic, per head
+                    eps = f" eps={float(r['epsilon']):g}" if r["epsilon"] else ""
+                    r = {**r, "method": f"{r['engine']}:{r['method']}{eps}", "sample": r["index"],
+                         "aggregation": "", "mode": "", "kl": "nan"}
                 key = (r["method"], float(r["ratio"]), r["aggregation"] or "-", r["mode"] or "-")
-                runs[key][(path, r["task"], r["sample"])] = (float(r["score"]), float(r["kl"]))
+                runs[key][("" if same_samples else path, r["task"], r["sample"])] = (float(r["score"]), float(r["kl"]))
     return runs
 
 
@@ -31,12 +40,18 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("csv", nargs="+")
     ap.add_argument("--reference", default="ea_keydiff", help="method the differences are taken to (default: ea_keydiff)")
+    ap.add_argument("--same-samples", action="store_true", help="all files are runs on the same samples")
+    ap.add_argument("--common", action="store_true", help="only the samples every method ran on")
     ap.add_argument("--bootstrap", type=int, default=10000, help="bootstrap draws (default: 10000)")
     args = ap.parse_args(argv)
-    runs = load(args.csv)
-    full = next(k for k in runs if k[0] == "full")
-    samples = sorted(runs[full])
-    keys = [k for k in runs if set(runs[k]) == set(samples)]
+    runs = load(args.csv, args.same_samples)
+    full = min((k for k in runs if k[0].endswith("full")), key=lambda k: ("full", "llamakv:full").index(k[0])
+               if k[0] in ("full", "llamakv:full") else 2)
+    samples = set(runs[full])
+    if args.common:
+        samples = samples.intersection(*map(set, runs.values()))
+    samples = sorted(samples)
+    keys = [k for k in runs if set(runs[k]) >= set(samples)]
     tasks = sorted({s[1] for s in samples})
     score = np.array([[runs[k][s][0] for s in samples] for k in keys])  # [key, sample]
     in_task = [np.flatnonzero([s[1] == t for s in samples]) for t in tasks]
@@ -68,9 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     for i in sorted(range(len(keys)), key=lambda i: (keys[i][1], -average[i])):
         k = keys[i]
         kl = np.mean([runs[k][s][1] for s in samples])
+        kl = "" if np.isnan(kl) else f"{kl:.3f}"  # kvpress_parity.py does not measure it
         cells = " | ".join(f"{v:.1f}" for v in per_task[i])
         print(f"| {k[0]} | {k[1]:g} | {k[2]} | {k[3]} | {cells} | **{average[i]:.1f}** | "
-              f"{100 * average[i] / average[f]:.0f}% | {kl:.3f} | {versus(i)} |")
+              f"{100 * average[i] / average[f]:.0f}% | {kl} | {versus(i)} |")
 
 
 if __name__ == "__main__":
