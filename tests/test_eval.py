@@ -172,3 +172,38 @@ def test_runner_refuses_bad_options(session, count):
         run.run_eval(session, s, ratios=[1.0])
     with pytest.raises(ValueError, match="mode"):
         run.run_eval(session, s, modes=["sideways"])
+
+
+def test_combine_eval_paired_bootstrap(tmp_path):
+    """scripts/combine_eval.py: per-task means, the share of the full cache, and a paired bootstrap
+    interval of the difference to the reference method, on two hand-made CSVs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fields = ["model", "task", "sample", "method", "ratio", "aggregation", "mode", "score", "kl"]
+    rows = []
+    for i in range(4):
+        for method, ratio, got in (("full", 0, 100), ("ea_keydiff", 0.5, 100 if i < 3 else 0),
+                                   ("same", 0.5, 100 if i < 3 else 0), ("worse", 0.5, 0)):
+            rows.append(dict(model="m", task="t", sample=i, method=method, ratio=ratio, aggregation="mean",
+                             mode="agnostic", score=got, kl=0.5))
+    paths = []
+    for half in (0, 1):  # two files, two samples each: the samples of different files stay apart
+        p = tmp_path / f"r{half}.csv"
+        with open(p, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(r for r in rows if r["sample"] // 2 == half)
+        paths.append(str(p))
+    script = Path(__file__).resolve().parent.parent / "scripts" / "combine_eval.py"
+    out = subprocess.run([sys.executable, str(script), *paths, "--bootstrap", "2000"], check=True,
+                         capture_output=True, text=True).stdout
+    table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in out.splitlines() if line.startswith("| ") and not line.startswith("| method")}
+    assert "4 samples from 2 files" in out
+    assert table["ea_keydiff"][4:6] == ["**75.0**", "75%"]
+    assert table["same"][-1] == "+0.0 [+0.0, +0.0]"  # identical answers: no spread
+    diff, interval = table["worse"][-1].split(" ", 1)
+    lo, hi = (float(x) for x in interval.strip("[]").split(","))
+    assert diff == "-75.0" and -100.0 <= lo < -75.0 < hi <= -25.0  # 1 to 4 of 4 losses resampled
