@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """One table from several `llamakv eval` CSVs (e.g. runs with different seeds): per method and
 ratio, each task's mean over every sample of every file, the mean over tasks, its share of the
-full cache's score on the same samples, the mean KL, and how sure the difference to a reference
-method at the same ratio is: the paired difference of the averages with a 95% interval from a
-bootstrap over samples (resampled within each task, the same draw for every method). Rows of a
+full cache's score on the same samples, the mean KL, and how sure the differences to a reference
+method at the same ratio are: the paired differences of the average score and of the mean KL with
+95% intervals from a bootstrap over samples (resampled within each task, the same draw for every
+method). Rows of a
 method that did not run on every sample are left out (they would compare different samples), or
 with `--common` only the samples every method ran on are used.
 Markdown to stdout.
@@ -54,39 +55,48 @@ def main(argv: list[str] | None = None) -> None:
     keys = [k for k in runs if set(runs[k]) >= set(samples)]
     tasks = sorted({s[1] for s in samples})
     score = np.array([[runs[k][s][0] for s in samples] for k in keys])  # [key, sample]
+    kl = np.array([[runs[k][s][1] for s in samples] for k in keys])  # nan: kvpress_parity.py does not measure it
     in_task = [np.flatnonzero([s[1] == t for s in samples]) for t in tasks]
 
+    # bootstrap: resample the samples of each task (the same draw for every key); per draw each key's
+    # average over tasks (as the table's) and mean KL over samples
     rng = np.random.default_rng(0)
-    draws = np.zeros((len(keys), args.bootstrap))  # each key's average over tasks, per bootstrap draw
+    score_draws = np.zeros((len(keys), args.bootstrap))
+    kl_draws = np.zeros((len(keys), args.bootstrap))
     for cols in in_task:
         pick = cols[rng.integers(0, len(cols), size=(args.bootstrap, len(cols)))]
-        draws += score[:, pick].mean(axis=-1) / len(tasks)
+        score_draws += score[:, pick].mean(axis=-1) / len(tasks)
+        kl_draws += kl[:, pick].sum(axis=-1) / len(samples)
     per_task = np.stack([score[:, cols].mean(axis=1) for cols in in_task], axis=1)  # [key, task]
-    average = per_task.mean(axis=1)
+    average, mean_kl = per_task.mean(axis=1), kl.mean(axis=1)
     index = {k: i for i, k in enumerate(keys)}
 
-    def versus(i: int) -> str:
-        ref = index.get((args.reference, keys[i][1], keys[i][2], keys[i][3]))
+    def reference(i: int) -> int | None:
+        ref = index.get((args.reference, *keys[i][1:]))
         if ref is None:  # the reference's rows of another aggregation or mode, if only those ran
             ref = next((index[k] for k in keys if k[0] == args.reference and k[1] == keys[i][1]), None)
-        if ref is None or ref == i or keys[i][0] == "full":
+        return None if ref == i or keys[i][0].endswith("full") else ref
+
+    def versus(value: np.ndarray, draws: np.ndarray, i: int, digits: int) -> str:
+        ref = reference(i)
+        if ref is None or np.isnan(value[i] - value[ref]):
             return ""
         lo, hi = np.percentile(draws[i] - draws[ref], [2.5, 97.5])
-        return f"{average[i] - average[ref]:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+        return f"{value[i] - value[ref]:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
-    print(f"{len(samples)} samples from {len(args.csv)} files; last column: paired difference to "
-          f"{args.reference} at the same ratio, 95% bootstrap interval\n")
+    print(f"{len(samples)} samples from {len(args.csv)} files; last columns: paired difference to "
+          f"{args.reference} at the same ratio (score, KL), 95% bootstrap interval\n")
     print("| method | ratio | aggregation | mode | " + " | ".join(tasks)
-          + f" | average | of full | mean KL | vs {args.reference} |")
-    print("|---|---|---|---|" + "---|" * (len(tasks) + 4))
+          + f" | average | of full | mean KL | vs {args.reference} | KL vs {args.reference} |")
+    print("|---|---|---|---|" + "---|" * (len(tasks) + 5))
     f = index[full]
     for i in sorted(range(len(keys)), key=lambda i: (keys[i][1], -average[i])):
         k = keys[i]
-        kl = np.mean([runs[k][s][1] for s in samples])
-        kl = "" if np.isnan(kl) else f"{kl:.3f}"  # kvpress_parity.py does not measure it
         cells = " | ".join(f"{v:.1f}" for v in per_task[i])
+        kl_cell = "" if np.isnan(mean_kl[i]) else f"{mean_kl[i]:.3f}"
         print(f"| {k[0]} | {k[1]:g} | {k[2]} | {k[3]} | {cells} | **{average[i]:.1f}** | "
-              f"{100 * average[i] / average[f]:.0f}% | {kl} | {versus(i)} |")
+              f"{100 * average[i] / average[f]:.0f}% | {kl_cell} | {versus(average, score_draws, i, 1)} | "
+              f"{versus(mean_kl, kl_draws, i, 3)} |")
 
 
 if __name__ == "__main__":

@@ -187,7 +187,7 @@ def test_combine_eval_paired_bootstrap(tmp_path):
         for method, ratio, got in (("full", 0, 100), ("ea_keydiff", 0.5, 100 if i < 3 else 0),
                                    ("same", 0.5, 100 if i < 3 else 0), ("worse", 0.5, 0)):
             rows.append(dict(model="m", task="t", sample=i, method=method, ratio=ratio, aggregation="mean",
-                             mode="agnostic", score=got, kl=0.5))
+                             mode="agnostic", score=got, kl=0.5 if method != "worse" else 0.5 + i))
     paths = []
     for half in (0, 1):  # two files, two samples each: the samples of different files stay apart
         p = tmp_path / f"r{half}.csv"
@@ -203,7 +203,10 @@ def test_combine_eval_paired_bootstrap(tmp_path):
              for line in out.splitlines() if line.startswith("| ") and not line.startswith("| method")}
     assert "4 samples from 2 files" in out
     assert table["ea_keydiff"][4:6] == ["**75.0**", "75%"]
-    assert table["same"][-1] == "+0.0 [+0.0, +0.0]"  # identical answers: no spread
-    diff, interval = table["worse"][-1].split(" ", 1)
+    assert table["same"][-2:] == ["+0.0 [+0.0, +0.0]", "+0.000 [+0.000, +0.000]"]  # identical: no spread
+    diff, interval = table["worse"][-2].split(" ", 1)
     lo, hi = (float(x) for x in interval.strip("[]").split(","))
     assert diff == "-75.0" and -100.0 <= lo < -75.0 < hi <= -25.0  # 1 to 4 of 4 losses resampled
+    diff, interval = table["worse"][-1].split(" ", 1)  # KL higher by 0, 1, 2, 3: 1.5 on average
+    lo, hi = (float(x) for x in interval.strip("[]").split(","))
+    assert diff == "+1.500" and 0.0 <= lo < 1.5 < hi <= 3.0
