@@ -4,16 +4,16 @@ ratio, each task's mean over every sample of every file, the mean over tasks, it
 full cache's score on the same samples, the mean KL, and how sure the differences to a reference
 method at the same ratio are: the paired differences of the average score and of the mean KL with
 95% intervals from a bootstrap over samples (resampled within each task, the same draw for every
-method). Rows of a
-method that did not run on every sample are left out (they would compare different samples), or
-with `--common` only the samples every method ran on are used.
-Markdown to stdout.
+method). Rows of a method that did not run on every sample are left out (they would compare
+different samples), or with `--common` only the samples every method ran on are used. Markdown
+to stdout.
 
     python scripts/combine_eval.py benchmarks/quality/smollm2_4k_seed7.csv benchmarks/quality/smollm2_4k_seed11.csv
 
-Rows of `scripts/kvpress_parity.py --csv` are read too (methods named ENGINE:METHOD, with kvpress's epsilon). With
-`--same-samples` every file holds results on one set of samples (e.g. the kvpress runs and
-`llamakv eval` on the samples it dumped), matched by task and index instead of by file.
+Rows of `scripts/kvpress_parity.py --csv` are read too (methods named ENGINE:METHOD, with the
+epsilon of kvpress's presses). With `--same-samples` every file holds results on one set of
+samples (e.g. the kvpress runs and `llamakv eval` on the samples it dumped), matched by task and
+index instead of by file.
 """
 import argparse
 import csv
@@ -28,7 +28,7 @@ def load(paths: list[str], same_samples: bool = False) -> dict:
     for path in paths:
         with open(path, newline="") as f:
             for r in csv.DictReader(f):
-                if "engine" in r:  # kvpress_parity.py: its pipeline is query-agnostic, per head
+                if "engine" in r:  # a kvpress_parity.py row: no aggregation, mode or KL there
                     eps = f" eps={float(r['epsilon']):g}" if r["epsilon"] else ""
                     r = {**r, "method": f"{r['engine']}:{r['method']}{eps}", "sample": r["index"],
                          "aggregation": "", "mode": "", "kl": "nan"}
@@ -46,8 +46,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bootstrap", type=int, default=10000, help="bootstrap draws (default: 10000)")
     args = ap.parse_args(argv)
     runs = load(args.csv, args.same_samples)
-    full = min((k for k in runs if k[0].endswith("full")), key=lambda k: ("full", "llamakv:full").index(k[0])
-               if k[0] in ("full", "llamakv:full") else 2)
+    fulls = sorted((k for k in runs if k[0] in ("full", "llamakv:full", "kvpress:full")),
+                   key=lambda k: ("full", "llamakv:full", "kvpress:full").index(k[0]))
+    if not fulls:
+        raise SystemExit("no full-cache rows in these files")
+    full = fulls[0]  # the share of the full cache is against llamakv's own, where it ran
     samples = set(runs[full])
     if args.common:
         samples = samples.intersection(*map(set, runs.values()))
