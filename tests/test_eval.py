@@ -1,10 +1,14 @@
 """`llamakv eval`: RULER-style task generators (with SmolLM2's real tokenizer), RULER scoring,
-samples as JSONL, and one small end-to-end run on the real model."""
+samples as JSONL, one small end-to-end run on the real model, and scripts/combine_eval.py on
+hand-made CSVs."""
 from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 
@@ -177,10 +181,6 @@ def test_runner_refuses_bad_options(session, count):
 def test_combine_eval_paired_bootstrap(tmp_path):
     """scripts/combine_eval.py: per-task means, the share of the full cache, and a paired bootstrap
     interval of the difference to the reference method, on two hand-made CSVs."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     fields = ["model", "task", "sample", "method", "ratio", "aggregation", "mode", "score", "kl"]
     rows = []
     for i in range(4):
