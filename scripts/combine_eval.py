@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One table from several `llamakv eval` CSVs (e.g. runs with different seeds): per method and
 ratio, each task's mean over every sample of every file, the mean over tasks, its share of the
-full cache's score on the same samples, the mean KL, and how sure the differences to a reference
+full cache's score on the same samples (with its 95% interval), the mean KL, and how sure the differences to a reference
 method at the same ratio are: the paired differences of the average score and of the mean KL with
 95% intervals from a bootstrap over samples (resampled within each task, the same draw for every
 method). Rows of a method that did not run on every sample are left out (they would compare
@@ -87,18 +87,27 @@ def main(argv: list[str] | None = None) -> None:
         lo, hi = np.percentile(draws[i] - draws[ref], [2.5, 97.5])
         return f"{value[i] - value[ref]:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
-    print(f"{len(samples)} samples from {len(args.csv)} files; last columns: paired difference to "
-          f"{args.reference} at the same ratio (score, KL), 95% bootstrap interval\n")
+    f = index[full]
+
+    def of_full(i: int) -> str:
+        if i == f:
+            return "100%"
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lo, hi = np.percentile(100 * score_draws[i] / score_draws[f], [2.5, 97.5])
+        return f"{100 * average[i] / average[f]:.0f}% [{lo:.0f}, {hi:.0f}]"
+
+    print(f"{len(samples)} samples from {len(args.csv)} files; of full: the average's share of the full "
+          f"cache's; last columns: paired difference to {args.reference} at the same ratio (score, KL); "
+          f"[95% bootstrap intervals]\n")
     print("| method | ratio | aggregation | mode | " + " | ".join(tasks)
           + f" | average | of full | mean KL | vs {args.reference} | KL vs {args.reference} |")
     print("|---|---|---|---|" + "---|" * (len(tasks) + 5))
-    f = index[full]
     for i in sorted(range(len(keys)), key=lambda i: (keys[i][1], -average[i])):
         k = keys[i]
         cells = " | ".join(f"{v:.1f}" for v in per_task[i])
         kl_cell = "" if np.isnan(mean_kl[i]) else f"{mean_kl[i]:.3f}"
         print(f"| {k[0]} | {k[1]:g} | {k[2]} | {k[3]} | {cells} | **{average[i]:.1f}** | "
-              f"{100 * average[i] / average[f]:.0f}% | {kl_cell} | {versus(average, score_draws, i, 1)} | "
+              f"{of_full(i)} | {kl_cell} | {versus(average, score_draws, i, 1)} | "
               f"{versus(mean_kl, kl_draws, i, 3)} |")
 
 

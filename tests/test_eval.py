@@ -202,7 +202,10 @@ def test_combine_eval_paired_bootstrap(tmp_path):
     table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
              for line in out.splitlines() if line.startswith("| ") and not line.startswith("| method")}
     assert "4 samples from 2 files" in out
-    assert table["ea_keydiff"][4:6] == ["**75.0**", "75%"]
+    assert table["ea_keydiff"][4] == "**75.0**"
+    share, interval = table["ea_keydiff"][5].split(" ", 1)  # 3 of 4 right: 0 to 4 of 4 resampled
+    lo, hi = (float(x) for x in interval.strip("[]").split(","))
+    assert share == "75%" and 0 <= lo < 75 < hi <= 100 and table["full"][5] == "100%"
     assert table["same"][-2:] == ["+0.0 [+0.0, +0.0]", "+0.000 [+0.000, +0.000]"]  # identical: no spread
     diff, interval = table["worse"][-2].split(" ", 1)
     lo, hi = (float(x) for x in interval.strip("[]").split(","))
