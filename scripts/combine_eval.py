@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """One table from several `llamakv eval` CSVs (e.g. runs with different seeds): per method and
 ratio, each task's mean over every sample of every file, the mean over tasks, its share of the
-full cache's score on the same samples (with its 95% interval), the mean KL, and how sure the differences to a reference
-method at the same ratio are: the paired differences of the average score and of the mean KL with
-95% intervals from a bootstrap over samples (resampled within each task, the same draw for every
-method). Rows of a method that did not run on every sample are left out (they would compare
+full cache's score on the same samples, the mean KL, and how sure the share and the differences to
+a reference method at the same ratio are: 95% intervals from a bootstrap over samples (resampled
+within each task, the same draw for every method) of the share and of the paired differences of
+the average score and of the mean KL. Rows of a method that did not run on every sample are left out (they would compare
 different samples), or with `--common` only the samples every method ran on are used. Markdown
 to stdout.
 
