@@ -4,9 +4,9 @@ ratio, each task's mean over every sample of every file, the mean over tasks, it
 full cache's score on the same samples, the mean KL, and how sure the share and the differences to
 a reference method at the same ratio are: 95% intervals from a bootstrap over samples (resampled
 within each task, the same draw for every method) of the share and of the paired differences of
-the average score and of the mean KL. Rows of a method that did not run on every sample are left out (they would compare
-different samples), or with `--common` only the samples every method ran on are used. Markdown
-to stdout.
+the average score and of the mean KL. Rows of a method that did not run on every sample are left
+out (they would compare different samples), or with `--common` only the samples every method ran
+on are used. Markdown to stdout.
 
     python scripts/combine_eval.py benchmarks/quality/smollm2_4k_seed7.csv benchmarks/quality/smollm2_4k_seed11.csv
 
