@@ -552,16 +552,41 @@ PRESSES = {
 }
 
 
-def make_press(name: str, expected_attention: dict | None = None, **kwargs) -> Press:
-    """The press `name` with its own settings `kwargs`; `expected_attention`: settings of Expected
-    Attention (n_future_positions, epsilon, ...) for the presses that use it, ignored by the others."""
+def make_press(spec: str, expected_attention: dict | None = None, **kwargs) -> Press:
+    """The press named by `spec` with its own settings `kwargs`; `expected_attention`: settings of
+    Expected Attention (n_future_positions, epsilon, ...) for the presses that use it, ignored by the
+    others. `spec` may carry settings of the press itself as NAME:KEY=VALUE[:KEY=VALUE...] (e.g.
+    "ea_keydiff:weight=0.1"); the press is then named by the whole spec."""
+    name, *options = spec.split(":")
     try:
         cls = PRESSES[name.replace("-", "_")]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(PRESSES)}") from None
+    settable = {f.name: type(f.default) for f in cls.__dataclass_fields__.values()
+                if type(f.default) in (bool, int, float)}  # numbers and switches, not names or sub-presses
+    for option in options:
+        key, _, value = option.partition("=")
+        if key not in settable:
+            raise ValueError(f"bad setting {option!r} in method {spec!r}: give KEY=VALUE with KEY one of "
+                             f"{', '.join(settable) or '(none)'}")
+        kwargs[key] = _setting(value, settable[key], option)
+    if options:
+        kwargs["name"] = spec
     ea = expected_attention or {}
     if cls is ExpectedAttention:
         return cls(**{**ea, **kwargs})
     if cls is ExpectedAttentionKeyDiff:
         return cls(**kwargs, expected_attention=ExpectedAttention(**ea))
     return cls(**kwargs)
+
+
+def _setting(value: str, kind: type, option: str) -> bool | int | float:
+    if kind is bool:
+        if value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    else:
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    raise ValueError(f"bad value in {option!r}: give {({bool: 'true or false', int: 'an integer'}).get(kind, 'a number')}")

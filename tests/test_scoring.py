@@ -259,6 +259,23 @@ def test_ea_keydiff_averages_the_rank_percentiles_of_both(prefilled):
         np.testing.assert_allclose(got[finite], expected, atol=1e-6)
 
 
+def test_make_press_takes_settings_in_the_name(prefilled):
+    """NAME:KEY=VALUE settings (llamakv eval --methods ea_keydiff:weight=0.1) build the press as its
+    constructor does, name it by the whole spec, and refuse unknown keys and ill-typed values."""
+    press = make_press("ea_keydiff:weight=0.1:anchor_sample=0")
+    assert (press.weight, press.anchor_sample, press.name) == (0.1, 0, "ea_keydiff:weight=0.1:anchor_sample=0")
+    np.testing.assert_array_equal(press.score(prefilled.score_inputs()),
+                                  ExpectedAttentionKeyDiff(weight=0.1, anchor_sample=0).score(prefilled.score_inputs()))
+    ea = make_press("expected_attention:use_vnorm=false", expected_attention={"epsilon": 0.01, "use_vnorm": True})
+    assert (ea.use_vnorm, ea.epsilon) == (False, 0.01)  # the spec's own settings win
+    for spec, message in (("ea_keydiff:wieght=0.1", "KEY one of weight, anchor_sample"),
+                          ("ea_keydiff:weight", "give a number"), ("ea_keydiff:weight=x", "give a number"),
+                          ("random:seed=1.5", "give an integer"), ("expected_attention:use_vnorm=1", "true or false"),
+                          ("ea_keydiff:name=x", "KEY one of"), ("nope:weight=1", "unknown method")):
+        with pytest.raises(ValueError, match=message):
+            make_press(spec)
+
+
 def test_question_aware_keeps_the_better_rank_of_both(prefilled):
     """QuestionAware: per cell, the larger of the base press's and the question's (SnapKV over the
     newest queries) rank percentiles, both after mean aggregation."""

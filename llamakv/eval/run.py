@@ -330,7 +330,8 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
                    help="target tokens: prompt (chat template included) + tokens to generate (default 4096)")
     p.add_argument("--seed", type=int, default=42, help="seed of the task generator (default 42)")
     p.add_argument("--methods", nargs="+", default=["ea_keydiff"],
-                   help="comma-separated presses (llamakv.scoring.PRESSES); 'full' = the full cache, always run")
+                   help="comma-separated presses (llamakv.scoring.PRESSES), each with settings of its own if wanted as "
+                        "NAME:KEY=VALUE[:KEY=VALUE...] (e.g. ea_keydiff:weight=0.1); 'full' = the full cache, always run")
     p.add_argument("--ratios", nargs="+", default=["0,0.25,0.5,0.75"],
                    help="comma-separated fractions of cells to evict; 0 = the full cache (default 0,0.25,0.5,0.75)")
     p.add_argument("--aggregations", nargs="+", default=["mean"], help=f"comma-separated: {', '.join(AGGREGATIONS)} (default mean)")
