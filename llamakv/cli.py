@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "to the method's choice, then it is asked as usual. Default: query-agnostic, the cache "
                         "serves any question (e.g. a saved state)")
     c.add_argument("--save", metavar="PATH", help="save the compressed state here (reload with `llamakv ask`)")
-    c.add_argument("--method", default="ea_keydiff", choices=sorted(PRESSES),
-                   help="scoring method (default ea_keydiff: Expected Attention and KeyDiff)")
+    c.add_argument("--method", default="ea_keydiff", type=_method,
+                   help=f"scoring method: {', '.join(sorted(PRESSES))}, with settings of its own if wanted as "
+                        f"NAME:KEY=VALUE[:KEY=VALUE...] (default ea_keydiff: Expected Attention and KeyDiff)")
     c.add_argument("--aggregation", default="mean", choices=AGGREGATIONS,
                    help="how per-head scores become one score per cell (default mean; ea_keydiff and the "
                         "question's guidance combine per cell, with mean)")
@@ -130,6 +131,14 @@ def _non_negative(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
+
+
+def _method(spec: str) -> str:
+    try:
+        make_press(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return spec
 
 
 def _open_session(args, *, n_sink: int = 4, full_covariance: bool = False):

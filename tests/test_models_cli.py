@@ -71,7 +71,7 @@ def test_cli_compress_json_and_save_then_ask(tmp_path):
     assert json.loads(r.stdout)["loaded_cells"] == rep["cells_after"]
 
 
-@pytest.mark.parametrize("method", ["snapkv", "streaming_llm"])
+@pytest.mark.parametrize("method", ["snapkv", "streaming_llm", "ea_keydiff:weight=0.1"])
 def test_cli_baseline_methods(method):
     r = run_cli("compress", "-p", "Filler sentence here. " * 40, "--ratio", "0.5", "-c", "1024",
                 "--method", method, "--no-chat", "--json")
@@ -117,6 +117,8 @@ def test_cli_default_document_runs():
     (["compress", "-p", "   "], "the prompt is empty"),
     (["compress", "--stats-sample", "-5", "-p", "x"], "must be 0 or more"),
     (["compress", "--question-aware", "-p", "x"], "needs a --question"),
+    (["compress", "--method", "ea_keydiff:weight=lots", "-p", "x"], "bad value in 'weight=lots'"),
+    (["compress", "--method", "no_such_press", "-p", "x"], "unknown method 'no_such_press'"),
 ])
 def test_cli_bad_input(args, message):
     r = run_cli(*args)
