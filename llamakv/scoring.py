@@ -589,4 +589,5 @@ def _setting(value: str, kind: type, option: str) -> bool | int | float:
             return kind(value)
         except ValueError:
             pass
-    raise ValueError(f"bad value in {option!r}: give {({bool: 'true or false', int: 'an integer'}).get(kind, 'a number')}")
+    want = {bool: "true or false", int: "an integer"}.get(kind, "a number")
+    raise ValueError(f"bad value in {option!r}: give {want}")
