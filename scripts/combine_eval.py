@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.common:
         samples = samples.intersection(*map(set, runs.values()))
     samples = sorted(samples)
+    if not samples:
+        raise SystemExit("no sample has every method's rows (--common): these files ran different methods "
+                         "on different samples; leave --common out")
     keys = [k for k in runs if set(runs[k]) >= set(samples)]
     tasks = sorted({s[1] for s in samples})
     score = np.array([[runs[k][s][0] for s in samples] for k in keys])  # [key, sample]
