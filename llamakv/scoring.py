@@ -37,6 +37,7 @@ class ScoreInputs:
     window_pos: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [W]
     window_slots: np.ndarray | None = None  # window_q's entries in window_pos's order (None: as they are)
     n_future: int = 0        # future positions whose queries will read the cells, if the caller knows (0: the press's default)
+    keep_fraction: float = 1.0  # share of the scored cells the caller will keep, if it knows (1: unknown)
 
     @classmethod
     def from_arrays(cls, keys: np.ndarray, vnorm: np.ndarray, pos: np.ndarray, **kw) -> "ScoreInputs":
@@ -359,10 +360,19 @@ class ExpectedAttentionKeyDiff:
     averaged with `weight` on Expected Attention. Expected Attention keeps what the prompt's typical
     query reads (recent, generic cells), KeyDiff keys that stand out from the rest (where a specific
     question can single them out); their mistakes differ. Both from one read of the keys, KeyDiff's
-    anchor from about `anchor_sample` cells (0: every cell). One score per cell."""
+    anchor from about `anchor_sample` cells (0: every cell). One score per cell.
+
+    Keeping a share f of the cells under 1/2, the weight is `weight`·2f (`scale_weight`). Why: a
+    cell KeyDiff ranks first scores at least 1 − weight, and at most a share weight / (1 − weight)
+    of the cells can score more, so it is kept whatever Expected Attention's rank while that share
+    is under f. A fixed 0.3 guarantees it down to f = 0.43, not at 0.75 compression (f = 0.25),
+    where the combination lost needles KeyDiff alone keeps; scaled, any weight under 1/3 does at
+    every ratio. Measured at 0.75: better on both Qwen models, worse on SmolLM2-135M, which keeps
+    more with the fixed weight (`scale_weight=False`; benchmarks/quality)."""
 
     weight: float = 0.3
     anchor_sample: int = 4096
+    scale_weight: bool = True
     expected_attention: ExpectedAttention = field(default_factory=ExpectedAttention)
     name: str = "ea_keydiff"
 
@@ -372,7 +382,8 @@ class ExpectedAttentionKeyDiff:
         kd = kd_sums.sum(axis=0, dtype=np.float64)
         cells = np.full(inputs.n_cells, np.inf)  # sinks: infinite in Expected Attention's scores
         finite = np.isfinite(ea)
-        cells[finite] = self.weight * ea[finite] + (1 - self.weight) * _rank_percentile(kd[finite])
+        weight = self.weight * min(1.0, 2.0 * inputs.keep_fraction) if self.scale_weight else self.weight
+        cells[finite] = weight * ea[finite] + (1 - weight) * _rank_percentile(kd[finite])
         return cells
 
 

@@ -462,6 +462,7 @@ class KVSession:
         protected = (pos < self.n_sink) | (pos >= self.next_pos - max(1, protect_recent))
         candidates = np.flatnonzero(~protected)
         n_evict = int(math.floor(ratio * len(candidates)))
+        inputs.keep_fraction = 1.0 - n_evict / max(len(candidates), 1)
         scores = press.score(inputs)
         cell_scores = aggregate(scores, aggregation, n_keep=len(candidates) - n_evict)
         if scores.ndim == 1:

@@ -258,6 +258,18 @@ def test_ea_keydiff_averages_the_rank_percentiles_of_both(prefilled):
         expected = weight * percentile(ea) + (1 - weight) * percentile(kd)
         np.testing.assert_allclose(got[finite], expected, atol=1e-6)
 
+    # keeping a share f < 1/2 of the cells, Expected Attention's weight is weight * 2f, so the
+    # cells KeyDiff ranks first stay among the kept ones, whatever Expected Attention's rank
+    top_kd = np.argsort(percentile(kd))[-3:]
+    for keep in (0.5, 0.25, 0.1):
+        inputs.keep_fraction = keep
+        for scale, weight in ((True, 0.3 * min(1, 2 * keep)), (False, 0.3)):
+            got = ExpectedAttentionKeyDiff(scale_weight=scale).score(inputs)[finite]
+            np.testing.assert_allclose(got, weight * percentile(ea) + (1 - weight) * percentile(kd), atol=1e-6)
+            if scale:
+                threshold = np.sort(got)[-int(keep * n)]
+                assert (got[top_kd] >= threshold).all()
+
 
 def test_make_press_takes_settings_in_the_name(prefilled):
     """NAME:KEY=VALUE settings (llamakv eval --methods ea_keydiff:weight=0.1) build the press as its
