@@ -462,9 +462,10 @@ class KVSession:
         protected = (pos < self.n_sink) | (pos >= self.next_pos - max(1, protect_recent))
         candidates = np.flatnonzero(~protected)
         n_evict = int(math.floor(ratio * len(candidates)))
-        inputs.keep_fraction = 1.0 - n_evict / max(len(candidates), 1)
+        n_keep = len(candidates) - n_evict
+        inputs.keep_fraction = n_keep / max(len(candidates), 1)
         scores = press.score(inputs)
-        cell_scores = aggregate(scores, aggregation, n_keep=len(candidates) - n_evict)
+        cell_scores = aggregate(scores, aggregation, n_keep=n_keep)
         if scores.ndim == 1:
             aggregation = "mean"  # what the presses that combine per cell use, whatever was asked
         order = np.argsort(cell_scores[candidates], kind="stable")

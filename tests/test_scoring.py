@@ -252,11 +252,13 @@ def test_ea_keydiff_averages_the_rank_percentiles_of_both(prefilled):
     def percentile(x):  # argsort of argsort: the rank of each entry
         return (np.argsort(np.argsort(x[finite], kind="stable"), kind="stable") + 1) / n
 
+    def combined(weight):
+        return weight * percentile(ea) + (1 - weight) * percentile(kd)
+
     for weight in (0.0, 0.3, 1.0):
         got = ExpectedAttentionKeyDiff(weight=weight).score(prefilled.score_inputs())
         assert got.shape == (inputs.n_cells,) and np.isinf(got[~finite]).all()
-        expected = weight * percentile(ea) + (1 - weight) * percentile(kd)
-        np.testing.assert_allclose(got[finite], expected, atol=1e-6)
+        np.testing.assert_allclose(got[finite], combined(weight), atol=1e-6)
 
     # keeping a share f < 1/2 of the cells, Expected Attention's weight is weight * 2f, so the
     # cells KeyDiff ranks first stay among the kept ones, whatever Expected Attention's rank
@@ -265,7 +267,7 @@ def test_ea_keydiff_averages_the_rank_percentiles_of_both(prefilled):
         inputs.keep_fraction = keep
         for scale, weight in ((True, 0.3 * min(1, 2 * keep)), (False, 0.3)):
             got = ExpectedAttentionKeyDiff(scale_weight=scale).score(inputs)[finite]
-            np.testing.assert_allclose(got, weight * percentile(ea) + (1 - weight) * percentile(kd), atol=1e-6)
+            np.testing.assert_allclose(got, combined(weight), atol=1e-6)
             if scale:
                 threshold = np.sort(got)[-int(keep * n)]
                 assert (got[top_kd] >= threshold).all()
