@@ -884,6 +884,18 @@ int32_t llamakv_value_norms(const uint8_t * data, int32_t type, int64_t row_byte
     return 0;
 }
 
+void llamakv_surprisal(const float * logits, int64_t n_rows, int64_t n_vocab, const int32_t * next_tokens,
+                       float * out) {
+    for (int64_t r = 0; r < n_rows; ++r) {
+        const float * x = logits + r * n_vocab;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < n_vocab; ++j) mx = x[j] > mx ? x[j] : mx;
+        double sum = 0.0;
+        for (int64_t j = 0; j < n_vocab; ++j) sum += expf(x[j] - mx);
+        out[r] = (float) (log(sum) + mx - x[next_tokens[r]]);
+    }
+}
+
 void llamakv_gather_rows(const uint8_t * src, uint8_t * dst, int64_t row_bytes, const int64_t * idx, int64_t n) {
     for (int64_t i = 0; i < n; ++i) memcpy(dst + i * row_bytes, src + idx[i] * row_bytes, row_bytes);
 }

@@ -107,6 +107,11 @@ int32_t llamakv_window_attention(const uint8_t * rows, int32_t type, int64_t row
 int32_t llamakv_value_norms(const uint8_t * data, int32_t type, int64_t row_bytes, int64_t n_cells,
                             int32_t n_head_kv, int32_t head_dim, int32_t transposed, float * out);
 
+/* Surprisal of tokens from the logits that predicted them: out[i] = logsumexp(logits[i]) -
+ * logits[i][next_tokens[i]] (nats), for n_rows rows of n_vocab floats. */
+void llamakv_surprisal(const float * logits, int64_t n_rows, int64_t n_vocab, const int32_t * next_tokens,
+                       float * out);
+
 /* dst[i] = src[idx[i]] for rows of row_bytes bytes. */
 void llamakv_gather_rows(const uint8_t * src, uint8_t * dst, int64_t row_bytes, const int64_t * idx, int64_t n);
 

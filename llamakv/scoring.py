@@ -38,6 +38,8 @@ class ScoreInputs:
     window_slots: np.ndarray | None = None  # window_q's entries in window_pos's order (None: as they are)
     n_future: int = 0        # future positions whose queries will read the cells, if the caller knows (0: the press's default)
     keep_fraction: float = 1.0  # share of the scored cells the caller will keep, if it knows (1: unknown)
+    surprisal: np.ndarray | None = None     # [n_cells] −log p of each cell's token given the prompt before it (NaN: unknown)
+    sentence_end: np.ndarray | None = None  # [n_cells] bool: the cell's token ends a sentence
 
     @classmethod
     def from_arrays(cls, keys: np.ndarray, vnorm: np.ndarray, pos: np.ndarray, **kw) -> "ScoreInputs":
@@ -373,8 +375,13 @@ class ExpectedAttentionKeyDiff:
     weight: float = 0.3
     anchor_sample: int = 4096
     scale_weight: bool = True
+    surprisal_weight: float = 0.0
     expected_attention: ExpectedAttention = field(default_factory=ExpectedAttention)
     name: str = "ea_keydiff"
+
+    @property
+    def uses_surprisal(self) -> bool:
+        return self.surprisal_weight > 0
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         kd_sums = np.empty((inputs.n_layer, inputs.n_cells), dtype=np.float32)
@@ -384,7 +391,27 @@ class ExpectedAttentionKeyDiff:
         finite = np.isfinite(ea)
         weight = self.weight * min(1.0, 2.0 * inputs.keep_fraction) if self.scale_weight else self.weight
         cells[finite] = weight * ea[finite] + (1 - weight) * _rank_percentile(kd[finite])
+        if self.uses_surprisal and inputs.surprisal is not None and np.isfinite(inputs.surprisal).any():
+            sentence = _rank_percentile(sentence_surprisal(inputs.pos, inputs.surprisal, inputs.sentence_end)[finite])
+            sentence[np.isnan(sentence)] = 0.5  # sentences of unknown surprisal: neither kept nor evicted for it
+            cells[finite] = ((1 - self.surprisal_weight) * _rank_percentile(cells[finite])
+                             + self.surprisal_weight * sentence)
         return cells
+
+
+def sentence_surprisal(pos: np.ndarray, surprisal: np.ndarray, sentence_end: np.ndarray) -> np.ndarray:
+    """The mean surprisal of each cell's sentence: cells in position order, a sentence ending after
+    each cell whose token ends one; unknown (NaN) surprisals left out, NaN for a sentence of none."""
+    order = np.argsort(pos, kind="stable")
+    sentence = np.concatenate(([0], np.cumsum(sentence_end[order][:-1])))
+    s = surprisal[order].astype(np.float64)
+    known = np.isfinite(s)
+    total = np.bincount(sentence, np.where(known, s, 0.0))
+    count = np.bincount(sentence, known)
+    mean = np.divide(total, count, out=np.full(len(total), np.nan), where=count > 0)
+    out = np.empty(len(pos))
+    out[order] = mean[sentence]
+    return out
 
 
 def _window_attention(inputs: ScoreInputs, layer: int, last: int | None = None) -> np.ndarray:

@@ -23,6 +23,7 @@ import numpy as np
 from llama_cpp import _internals
 
 from .cache import SeqState, SequenceCache, position_runs
+from . import _shim
 from ._shim import HostBuffer
 from .capture import Capture
 from .errors import CacheFullError, LlamaKVError, ModelError, StateError, UnsupportedModelError
@@ -45,6 +46,8 @@ class Snapshot:
     next_pos: int
     n_cells: int
     positions: np.ndarray    # positions of the cells, sorted
+    surprisal: np.ndarray    # per cell, in the order of positions (NaN: not known)
+    sentence_end: np.ndarray # per cell: its token ends a sentence
 
 
 @dataclass
@@ -133,7 +136,7 @@ class KVSession:
     def __init__(self, llama: llama_cpp.Llama, *, n_sink: int = 4, full_covariance: bool = False,
                  press: Press | None = None, aggregation: str = "mean", seq_id: int = 0,
                  stats_window: int | None = None, stats_sample: int | None = 2048, window: int = 64,
-                 capture_generation: bool = False, recent: int = 64):
+                 capture_generation: bool = False, recent: int = 64, track_surprisal: bool | None = None):
         self.llama = llama
         model = llama._model.model
         self.architecture = _meta(model, "general.architecture") or "?"
@@ -165,6 +168,10 @@ class KVSession:
         self.stats_sample = stats_sample
         self.capture_generation = capture_generation
         self.recent = recent    # newest positions a bounded cache never evicts
+        # the surprisal of each token (logits of every prompt token, the output layer over all of
+        # them) is computed only when a press reads it; None: when the session's press does
+        self.track_surprisal = getattr(self.press, "uses_surprisal", False) if track_surprisal is None \
+            else track_surprisal
         self.reports: list[CompressionReport] = []  # every compression since the last reset
         self._install_callback(params)
         self.ctx = llama._ctx.ctx
@@ -172,10 +179,14 @@ class KVSession:
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
         self.cache = SequenceCache(self.ctx, seq_id)
         self.vocab = llama_cpp.llama_model_get_vocab(model)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self._batch = llama_cpp.llama_batch_init(self.n_ubatch, 0, 1)
         self.next_pos = 0       # position of the next token
         self.n_cells = 0        # cells this sequence holds
         self._pos_buf = np.zeros(self.n_ctx, dtype=np.int64)  # [:n_cells]: their positions, sorted
+        self._surprisal = np.full(self.n_ctx, np.nan, dtype=np.float32)  # [:n_cells]: as _pos_buf
+        self._sentence_end = np.zeros(self.n_ctx, dtype=bool)              # [:n_cells]: as _pos_buf
+        self._ends_sentence: np.ndarray | None = None  # per vocabulary token, built when first needed
         self._has_logits = False
         self._capture_mark = 0.0  # capture time already reported
         self.last_report: CompressionReport | None = None
@@ -288,6 +299,7 @@ class KVSession:
                 f"(n_ctx {self.n_ctx}, {self.n_cells} in use): raise -c / n_ctx, or compress first")
         b = self._batch
         cap = self.capture
+        track = self.track_surprisal
         done = 0
         while done < n:
             chunk = tokens[done:done + self.n_ubatch]
@@ -297,8 +309,9 @@ class KVSession:
                 b.pos[i] = self.next_pos + i
                 b.n_seq_id[i] = 1
                 b.seq_id[i][0] = self.cache.seq_id
-                b.logits[i] = 0
-            b.logits[m - 1] = int(done + m == n)
+                b.logits[i] = int(track)
+            b.logits[m - 1] = int(track or done + m == n)
+            first_surprisal = self._surprisal_of(chunk[0]) if track else math.nan
             b.n_tokens = m
             a = before + done  # the ubatch holds prompt tokens a .. a + m - 1
             after = total - a - m
@@ -315,6 +328,7 @@ class KVSession:
                     raise CacheFullError("llama.cpp found no free KV slot for the batch")
                 raise LlamaKVError(f"llama_decode failed with code {rc}")
             self._pos_buf[self.n_cells:self.n_cells + m] = np.arange(self.next_pos, self.next_pos + m)
+            self._record_tokens(chunk, first_surprisal if track else None)
             self.next_pos += m
             self.n_cells += m
             self._has_logits = True
@@ -322,6 +336,45 @@ class KVSession:
             done += m
             if progress:
                 progress(done, n)
+
+    def _surprisal_of(self, token: int) -> float:
+        """−log p(token) under the logits of the last decoded token (NaN if there are none)."""
+        if not self._has_logits:
+            return math.nan
+        out = np.empty(1, dtype=np.float32)
+        row = ctypes.cast(llama_cpp.llama_get_logits_ith(self.ctx, -1), ctypes.c_void_p).value
+        _shim.load().lib.llamakv_surprisal(_shim.load().ffi.cast("float *", row), 1, self.n_vocab,
+                                           _shim.ptr("int32_t *", np.array([token], np.int32)), _shim.ptr("float *", out))
+        return float(out[0])
+
+    def _record_tokens(self, chunk: Sequence[int], first_surprisal: float | None) -> None:
+        """Per-cell token data of a ubatch just decoded into cells n_cells ..: its surprisal from
+        the ubatch's logits (every row an output; None: not tracked, NaN) and sentence ends."""
+        m, at = len(chunk), self.n_cells
+        out = self._surprisal[at:at + m]
+        if first_surprisal is None:
+            out[:] = np.nan
+            self._sentence_end[at:at + m] = False
+            return
+        out[0] = first_surprisal
+        nxt = np.asarray(chunk[1:], dtype=np.int32)
+        logits = ctypes.cast(llama_cpp.llama_get_logits(self.ctx), ctypes.c_void_p).value
+        lib, ffi = _shim.load().lib, _shim.load().ffi
+        step = max(1, -(-len(nxt) // (os.cpu_count() or 1)))
+
+        def rows(a: int) -> None:  # row r's logits predict token r + 1
+            lib.llamakv_surprisal(ffi.cast("float *", logits + 4 * a * self.n_vocab), len(nxt[a:a + step]),
+                                  self.n_vocab, _shim.ptr("int32_t *", nxt[a:]), _shim.ptr("float *", out[1 + a:]))
+
+        _shim.parallel_map(rows, range(0, len(nxt), step))
+        self._sentence_end[at:at + m] = self._sentence_end_table()[np.asarray(chunk)]
+
+    def _sentence_end_table(self) -> np.ndarray:
+        """Per vocabulary token: does its text end a sentence (holds '.', '!', '?' or a newline)?"""
+        if self._ends_sentence is None:
+            self._ends_sentence = np.array([any(c in self.token_bytes(t) for c in (b".", b"!", b"?", b"\n"))
+                                            for t in range(self.n_vocab)], dtype=bool)
+        return self._ends_sentence
 
     def prefill(self, prompt: str | Sequence[int], *, progress: ProgressFn | None = None,
                 budget: int | None = None, target: int | None = None,
@@ -422,11 +475,12 @@ class KVSession:
         # the capture's ring of recent queries itself, not a copy (33 MB for an 8B model): read
         # before the next decode call overwrites it
         slots = self.capture.recent_slots()
+        rows = np.searchsorted(self._pos_buf[:self.n_cells], parsed.pos)  # each cell's row in _pos_buf
         return ScoreInputs(state=parsed, stats=self.capture.stats, rope=self.capture.rope,
                            next_pos=self.next_pos, n_head=self.n_head, n_head_kv=self.n_head_kv,
                            head_dim=self.head_dim, n_sink=self.n_sink, window_q=self.capture.window,
                            window_pos=self.capture.window_pos[slots].copy(), window_slots=slots,
-                           n_future=n_future)
+                           n_future=n_future, surprisal=self._surprisal[rows], sentence_end=self._sentence_end[rows])
 
     def compress(self, ratio: float, *, press: Press | None = None, aggregation: str | None = None,
                  compact: bool = True, protect_recent: int = 1, n_future: int = 0,
@@ -485,8 +539,11 @@ class KVSession:
             self.cache.evict(evicted)
             t3 = time.perf_counter()
         t4 = time.perf_counter()
+        kept = np.ones(self.n_cells, dtype=bool)  # in the sorted order of _pos_buf
+        kept[np.searchsorted(self._pos_buf[:self.n_cells], evicted)] = False
         self.n_cells -= len(evict_rows)
-        self._pos_buf[:self.n_cells] = np.sort(np.delete(pos, evict_rows))
+        for buf in (self._pos_buf, self._surprisal, self._sentence_end):
+            buf[:self.n_cells] = buf[:len(kept)][kept]
 
         self.last_report = CompressionReport(
             method=press.name, aggregation=aggregation, ratio=float(ratio),
@@ -622,8 +679,10 @@ class KVSession:
         """The sequence as it is now (cells and captured data), to restore() later: prefill once,
         then try several compressions."""
         captured = {k: v.copy() for k, v in self.capture.state_arrays().items()}
+        n = self.n_cells
         return Snapshot(llama_state=self.cache.get_state(), captured=captured,
-                        next_pos=self.next_pos, n_cells=self.n_cells, positions=self.positions)
+                        next_pos=self.next_pos, n_cells=n, positions=self.positions,
+                        surprisal=self._surprisal[:n].copy(), sentence_end=self._sentence_end[:n].copy())
 
     def restore(self, snap: "Snapshot") -> None:
         """Put a snapshot back; if llama.cpp refuses it, the current cache is kept."""
@@ -633,6 +692,8 @@ class KVSession:
         self.cache.set_state(snap.llama_state, fallback=backup)
         self.capture.load_state_arrays(snap.captured)
         self._pos_buf[:len(snap.positions)] = snap.positions
+        self._surprisal[:len(snap.positions)] = snap.surprisal
+        self._sentence_end[:len(snap.positions)] = snap.sentence_end
         self.next_pos = snap.next_pos
         self.n_cells = snap.n_cells
         self._has_logits = False
@@ -645,7 +706,8 @@ class KVSession:
         meta = {"magic": STATE_MAGIC, "version": STATE_VERSION, "model": self.fingerprint(),
                 "next_pos": snap.next_pos, "n_cells": snap.n_cells, "extra": extra or {}}
         arrays = dict(meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-                      llama_state=snap.llama_state, positions=snap.positions, **snap.captured)
+                      llama_state=snap.llama_state, positions=snap.positions, surprisal=snap.surprisal,
+                      sentence_end=snap.sentence_end, **snap.captured)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
@@ -678,11 +740,14 @@ class KVSession:
         if meta["model"] != mine:
             diff = {k: (meta["model"].get(k), v) for k, v in mine.items() if meta["model"].get(k) != v}
             raise StateError(f"{path} was saved from another model (saved vs loaded: {diff})")
-        captured = {k: v for k, v in data.items() if k not in ("meta", "llama_state")}
-        captured.pop("positions", None)
+        cells = ("positions", "surprisal", "sentence_end")
+        captured = {k: v for k, v in data.items() if k not in ("meta", "llama_state", *cells)}
+        n = len(data["positions"])
         self.restore(Snapshot(llama_state=data["llama_state"], captured=captured,
                               next_pos=int(meta["next_pos"]), n_cells=int(meta["n_cells"]),
-                              positions=data["positions"]))
+                              positions=data["positions"],  # older states of version 2: surprisal unknown
+                              surprisal=data.get("surprisal", np.full(n, np.nan, np.float32)),
+                              sentence_end=data.get("sentence_end", np.zeros(n, bool))))
         return meta.get("extra", {})
 
     def reset(self) -> None:

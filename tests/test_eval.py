@@ -7,20 +7,14 @@ import csv
 import json
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 
 import pytest
 
 from llamakv.cli import main
 from llamakv.eval import run, tasks
+from conftest import needs_data
 
-try:
-    metadata.distribution(tasks.DATA_PACKAGE)
-    HAVE_DATA = True
-except metadata.PackageNotFoundError:
-    HAVE_DATA = False
-needs_data = pytest.mark.skipif(not HAVE_DATA, reason=f"task data not installed: {tasks.DATA_INSTALL}")
 
 # (task, how far below the target a fitted sample may stay: about one unit of its haystack)
 FIT = [

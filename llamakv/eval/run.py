@@ -125,6 +125,8 @@ def run_eval(session, samples: Sequence[Sample], *, methods: Sequence[str] = ("e
     methods = [m for m in methods if m != "full"]
     # press_kwargs are Expected Attention's settings (also inside ea_keydiff); unknown names fail here
     presses = {m: make_press(m, expected_attention=press_kwargs) for m in methods}
+    # the prefill serves every method: the prompt's surprisal is computed if any of them reads it
+    session.track_surprisal = any(getattr(p, "uses_surprisal", False) for p in presses.values())
     configs = [(m, r, a, mode) for m in methods for r in sorted(set(ratios)) if r > 0
                for a in aggregations for mode in modes]
     log = log or (lambda s: None)
