@@ -198,7 +198,7 @@ def cmd_compress(args) -> int:
 
     session = _open_session(args, n_sink=args.n_sink, full_covariance=args.full_covariance)
     method_kw = dict(n_future_positions=args.n_future, epsilon=args.epsilon, full_covariance=args.full_covariance)
-    press = make_press(args.method, expected_attention=method_kw)
+    press = session.press = make_press(args.method, expected_attention=method_kw)  # also a streamed prompt's
     before, template = _split_prompt(session, context, not args.no_chat)
     tokens = session.tokenize(before)
     budget = args.budget

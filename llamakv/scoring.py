@@ -370,18 +370,27 @@ class ExpectedAttentionKeyDiff:
     is under f. A fixed 0.3 guarantees it down to f = 0.43, not at 0.75 compression (f = 0.25),
     where the combination lost needles KeyDiff alone keeps; scaled, any weight under 1/3 does at
     every ratio. Measured at 0.75: better on both Qwen models, worse on SmolLM2-135M, which keeps
-    more with the fixed weight (`scale_weight=False`; benchmarks/quality)."""
+    more with the fixed weight (`scale_weight=False`; benchmarks/quality).
+
+    With `surprising_share` s > 0, the prompt's own surprisal joins (−log p of each token given
+    the text before it; the session computes it when the press says `uses_surprisal`): each cell
+    takes the mean surprisal of its sentence, and cells whose sentence ranks in the top share s
+    score at least that rank, so that while the kept share is 2s or more they stay whole. Why: a
+    fact that stands out from its text (a needle in an essay) is read through its whole sentence,
+    and the per-cell scores keep its rare tokens but drop the small words between them. Only ever
+    a lift: predictable sentences are not pushed down (blending the rank in instead evicted the
+    later needles of a multi-needle prompt, which the model has learnt to predict by then)."""
 
     weight: float = 0.3
     anchor_sample: int = 4096
     scale_weight: bool = True
-    surprisal_weight: float = 0.0
+    surprising_share: float = 0.0
     expected_attention: ExpectedAttention = field(default_factory=ExpectedAttention)
     name: str = "ea_keydiff"
 
     @property
     def uses_surprisal(self) -> bool:
-        return self.surprisal_weight > 0
+        return self.surprising_share > 0
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         kd_sums = np.empty((inputs.n_layer, inputs.n_cells), dtype=np.float32)
@@ -393,9 +402,8 @@ class ExpectedAttentionKeyDiff:
         cells[finite] = weight * ea[finite] + (1 - weight) * _rank_percentile(kd[finite])
         if self.uses_surprisal and inputs.surprisal is not None and np.isfinite(inputs.surprisal).any():
             sentence = _rank_percentile(sentence_surprisal(inputs.pos, inputs.surprisal, inputs.sentence_end)[finite])
-            sentence[np.isnan(sentence)] = 0.5  # sentences of unknown surprisal: neither kept nor evicted for it
-            cells[finite] = ((1 - self.surprisal_weight) * _rank_percentile(cells[finite])
-                             + self.surprisal_weight * sentence)
+            protected = sentence >= 1 - self.surprising_share  # False where unknown (NaN)
+            cells[finite] = np.maximum(_rank_percentile(cells[finite]), np.where(protected, sentence, 0.0))
         return cells
 
 

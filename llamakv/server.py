@@ -431,12 +431,9 @@ class Engine:
         target = s.n_cells - math.ceil((1.0 - kv.ratio) * n_logical)  # cells to evict
         if kv.budget:
             target = max(target, s.n_cells - kv.budget)
-        press = self.presses.get(kv.method)
-        if press is None:
-            press = self.presses[kv.method] = make_press(kv.method)
         t0 = time.perf_counter()
-        report = s.compress_to(s.n_cells - target, press=press, aggregation=kv.aggregation, protect_recent=protect,
-                               question=question)
+        report = s.compress_to(s.n_cells - target, press=self._press(kv), aggregation=kv.aggregation,
+                               protect_recent=protect, question=question)
         took = time.perf_counter() - t0  # scoring, eviction, compaction (capture ran during prefill)
         if report is None:
             return None
@@ -451,6 +448,12 @@ class Engine:
                 "method": report.method, "question_tokens": report.question_tokens,
                 "aggregation": report.aggregation}
 
+    def _press(self, kv: KVParams):
+        press = self.presses.get(kv.method)
+        if press is None:
+            press = self.presses[kv.method] = make_press(kv.method)
+        return press
+
     def _prefill(self, tokens: list[int]) -> None:
         s = self.session
         if tokens:
@@ -464,6 +467,9 @@ class Engine:
         try:
             self._activate(slot)
             tokens, kv = job.tokens, job.kv
+            # the prompt's surprisal, for a press that reads it (cells reused from a request that
+            # did not compute it have none)
+            s.track_surprisal = (kv.ratio > 0 or bool(kv.budget)) and getattr(self._press(kv), "uses_surprisal", False)
             reused = self._reuse(slot, tokens, job.cache_prompt)
             new = len(tokens) - reused
             if new > s.free_cells:

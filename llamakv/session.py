@@ -168,10 +168,7 @@ class KVSession:
         self.stats_sample = stats_sample
         self.capture_generation = capture_generation
         self.recent = recent    # newest positions a bounded cache never evicts
-        # the surprisal of each token (logits of every prompt token, the output layer over all of
-        # them) is computed only when a press reads it; None: when the session's press does
-        self.track_surprisal = getattr(self.press, "uses_surprisal", False) if track_surprisal is None \
-            else track_surprisal
+        self._track_surprisal = track_surprisal
         self.reports: list[CompressionReport] = []  # every compression since the last reset
         self._install_callback(params)
         self.ctx = llama._ctx.ctx
@@ -216,6 +213,19 @@ class KVSession:
         except ValueError as e:
             raise ModelError(f"llama.cpp could not load {path}: {e}") from e
         return cls(llama, **session_kwargs)
+
+    @property
+    def track_surprisal(self) -> bool:
+        """Whether decoding computes each token's surprisal (llama.cpp's logits for every prompt
+        token: the output layer over all of them), for presses that read it: as set, or when the
+        session's press reads it (None, the default)."""
+        if self._track_surprisal is None:
+            return bool(getattr(self.press, "uses_surprisal", False))
+        return self._track_surprisal
+
+    @track_surprisal.setter
+    def track_surprisal(self, on: bool | None) -> None:
+        self._track_surprisal = on
 
     def _install_callback(self, params) -> None:
         llama = self.llama

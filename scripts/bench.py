@@ -47,7 +47,7 @@ def plain_prefill(llama: llama_cpp.Llama, tokens: list[int]) -> float:
 
 
 def timed_prefill(s: KVSession, tokens: list[int], capture: bool, **stats) -> float:
-    """Prefill with the session's statistics options changed to `stats` (stats_window, stats_sample)."""
+    """Prefill with the session's options changed to `stats` (stats_window, stats_sample, track_surprisal)."""
     s.reset()
     s.capture.enabled = capture
     saved = {k: getattr(s, k) for k in stats}
@@ -123,6 +123,8 @@ def main(argv=None) -> int:
                          for r in args.stats_sample})
         variants[f"capture on, last {args.stats_window} tokens"] = dict(capture=True, stats_window=args.stats_window,
                                                                          stats_sample=None)
+        # the prompt's surprisal (logits of every token, for presses that weigh it) on top of the defaults
+        variants["capture on, defaults + surprisal"] = dict(capture=True, track_surprisal=True)
         # last: the compression below uses the statistics of this one
         variants[f"capture on, defaults (sample of {s.stats_sample} queries)"] = dict(capture=True)
         times = {k: [] for k in variants}

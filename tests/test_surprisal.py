@@ -15,7 +15,7 @@ def tracking(session):
     session.reset()
     session.track_surprisal = True
     yield session
-    session.track_surprisal = False
+    session.track_surprisal = None  # as its press says again
     session.reset()
 
 
@@ -43,13 +43,14 @@ def test_surprisal_equals_llama_cpp_logits_across_ubatches_and_calls(tracking):
 
 def test_untracked_surprisal_is_unknown_and_the_press_falls_back(session):
     session.reset()
-    assert not session.track_surprisal  # the default press does not read it
+    session.track_surprisal = False
     context, _, _ = needle_prompt(n_repeats=12, at=3)
     session.prefill(context)
     inputs = session.score_inputs()
+    session.track_surprisal = None
     assert np.isnan(inputs.surprisal).all()
-    np.testing.assert_array_equal(ExpectedAttentionKeyDiff(surprisal_weight=0.5).score(inputs),
-                                  ExpectedAttentionKeyDiff().score(inputs))
+    np.testing.assert_array_equal(ExpectedAttentionKeyDiff(surprising_share=0.2).score(inputs),
+                                  ExpectedAttentionKeyDiff(surprising_share=0).score(inputs))
 
 
 def test_surprisal_stays_with_its_cells_through_compression_and_state(tracking, tmp_path):
@@ -58,7 +59,7 @@ def test_surprisal_stays_with_its_cells_through_compression_and_state(tracking, 
     before = tracking.score_inputs()
     by_pos = dict(zip(before.pos.tolist(), before.surprisal.tolist()))
     ends = dict(zip(before.pos.tolist(), before.sentence_end.tolist()))
-    tracking.compress(0.5, press=make_press("ea_keydiff:surprisal_weight=0.5"))
+    tracking.compress(0.5, press=make_press("ea_keydiff:surprising_share=0.2"))
     tracking.compress(0.3)
     after = tracking.score_inputs()
     assert len(after.pos) < len(before.pos) // 2
@@ -93,7 +94,7 @@ def test_sentence_surprisal_equals_a_loop_over_sentences():
     np.testing.assert_allclose(got, expected[perm], rtol=1e-6)
 
 
-def test_surprisal_weight_blends_rank_percentiles(tracking):
+def test_surprising_sentences_score_at_least_their_rank(tracking):
     context, _, _ = needle_prompt(n_repeats=25, at=10)
     tracking.prefill(context)
     inputs = tracking.score_inputs()
@@ -104,19 +105,21 @@ def test_surprisal_weight_blends_rank_percentiles(tracking):
     def percentile(x):  # argsort of argsort: the rank of each entry
         return (np.argsort(np.argsort(x, kind="stable"), kind="stable") + 1) / n
 
-    sentence = sentence_surprisal(inputs.pos, inputs.surprisal, inputs.sentence_end)[finite]
-    for weight in (0.3, 0.5):
-        got = ExpectedAttentionKeyDiff(surprisal_weight=weight).score(inputs)
+    sentence = percentile(sentence_surprisal(inputs.pos, inputs.surprisal, inputs.sentence_end)[finite])
+    for share in (0.1, 0.3):
+        got = ExpectedAttentionKeyDiff(surprising_share=share).score(inputs)
         assert np.isinf(got[~finite]).all()
-        np.testing.assert_allclose(got[finite], (1 - weight) * percentile(base[finite]) + weight * percentile(sentence),
-                                   atol=1e-6)
+        lifted = sentence >= 1 - share
+        assert 0 < lifted.sum() <= share * n + 1
+        np.testing.assert_allclose(got[finite], np.where(lifted, np.maximum(percentile(base[finite]), sentence),
+                                                         percentile(base[finite])), atol=1e-6)
 
 
 @needs_data
 def test_surprising_sentence_is_kept_whole(tracking):
     """A prose needle (an essay's one off-topic sentence, RULER's niah_single_2) at 2x compression:
-    weighing its sentence's surprisal keeps all of it; Expected Attention and KeyDiff alone keep its
-    digits and drop words around them (then the model answers wrongly)."""
+    lifting the most surprising sentences keeps all of it; Expected Attention and KeyDiff alone keep
+    its digits and drop words around them (then the model answers wrongly)."""
     sample = tasks.generate_sample("niah_single_2", 0, 1500, run.token_counter(tracking), seed=2, depth=50)
     tokens, _ = run.encode(tracking, sample)
     tracking.prefill(tokens)
@@ -127,8 +130,8 @@ def test_surprising_sentence_is_kept_whole(tracking):
     start, end = text.find(b" One of the special magic"), text.find(answer) + len(answer) + 1
     needle = np.flatnonzero((offsets[:-1] >= start) & (offsets[1:] <= end))
     assert len(needle) > 15
-    tracking.compress(0.5, press=make_press("ea_keydiff:surprisal_weight=0.5"))
+    tracking.compress(0.5, press=make_press("ea_keydiff:surprising_share=0.2"))
     assert np.isin(needle, tracking.positions).all()
     tracking.restore(snap)
-    tracking.compress(0.5, press=make_press("ea_keydiff"))
+    tracking.compress(0.5, press=make_press("ea_keydiff:surprising_share=0"))
     assert not np.isin(needle, tracking.positions).all()
