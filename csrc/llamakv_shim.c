@@ -884,47 +884,25 @@ int32_t llamakv_value_norms(const uint8_t * data, int32_t type, int64_t row_byte
     return 0;
 }
 
-/* exp(x) for x <= 0, relative error under 1e-6: 2^t = 2^n 2^f with n = round(t), |f| <= 1/2, and a
- * degree-6 Taylor polynomial of 2^f; plain arithmetic, so that the loops below vectorise (libm's
- * expf does not without -ffast-math). The logits' log-sum-exp is over the whole vocabulary, so this is
- * most of the surprisal's time. */
-static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    const float t = x * 1.44269504f;
-    const float r = (t + 12582912.0f) - 12582912.0f;  /* round to nearest: 1.5 * 2^23 */
-    const float f = (t - r) * 0.69314718f;             /* 2^(t - r) = e^f, |f| <= 0.347 */
-    float p = 1.0f / 720.0f;
-    p = p * f + 1.0f / 120.0f;
-    p = p * f + 1.0f / 24.0f;
-    p = p * f + 1.0f / 6.0f;
-    p = p * f + 0.5f;
-    p = p * f + 1.0f;
-    p = p * f + 1.0f;
-    int32_t bits;
-    memcpy(&bits, &p, sizeof bits);
-    bits += (int32_t) r * (1 << 23);
-    memcpy(&p, &bits, sizeof p);
-    return p;
-}
-
 void llamakv_surprisal(const float * logits, int64_t n_rows, int64_t n_vocab, const int32_t * next_tokens,
                        float * out) {
-    enum { LANES = 16 };  /* independent accumulators: float reductions vectorise only that way */
-    for (int64_t r = 0; r < n_rows; ++r) {
+    for (int64_t r = 0; r < n_rows; ++r) {  /* a log-sum-exp over the vocabulary, 8 lanes at a time */
         const float * x = logits + r * n_vocab;
-        const int64_t n_main = n_vocab / LANES * LANES;
-        float mx_l[LANES], sum_l[LANES];
-        for (int k = 0; k < LANES; ++k) mx_l[k] = -INFINITY, sum_l[k] = 0.0f;
-        for (int64_t j = 0; j < n_main; j += LANES)
-            for (int k = 0; k < LANES; ++k) mx_l[k] = x[j + k] > mx_l[k] ? x[j + k] : mx_l[k];
-        float mx = -INFINITY;
-        for (int k = 0; k < LANES; ++k) mx = mx_l[k] > mx ? mx_l[k] : mx;
-        for (int64_t j = n_main; j < n_vocab; ++j) mx = x[j] > mx ? x[j] : mx;
-        for (int64_t j = 0; j < n_main; j += LANES)
-            for (int k = 0; k < LANES; ++k) sum_l[k] += exp_nonpositive(x[j + k] - mx);
-        double sum = 0.0;
-        for (int k = 0; k < LANES; ++k) sum += sum_l[k];
-        for (int64_t j = n_main; j < n_vocab; ++j) sum += exp_nonpositive(x[j] - mx);
+        v8f m8;
+        for (int k = 0; k < 8; ++k) m8[k] = -INFINITY;
+        int64_t j = 0;
+        for (; j + 8 <= n_vocab; j += 8) {
+            const v8f v = load8(x + j);
+            const v8i gt = v > m8;
+            m8 = (v8f) (((v8i) v & gt) | ((v8i) m8 & ~gt));
+        }
+        float mx = m8[0];
+        for (int k = 1; k < 8; ++k) mx = fmaxf(mx, m8[k]);
+        for (; j < n_vocab; ++j) mx = fmaxf(mx, x[j]);
+        v8f s8 = {0};
+        for (j = 0; j + 8 <= n_vocab; j += 8) s8 += exp8_nonpos(load8(x + j) - mx);
+        double sum = hsum(s8);
+        for (; j < n_vocab; ++j) sum += expf(x[j] - mx);
         out[r] = (float) (log(sum) + mx - x[next_tokens[r]]);
     }
 }
