@@ -753,11 +753,13 @@ class KVSession:
         cells = ("positions", "surprisal", "sentence_end")
         captured = {k: v for k, v in data.items() if k not in ("meta", "llama_state", *cells)}
         n = len(data["positions"])
+        surprisal = data.get("surprisal", np.full(n, np.nan, np.float32))  # older states of version 2: unknown
+        sentence_end = data.get("sentence_end", np.zeros(n, bool))
+        if n != int(meta["n_cells"]) or len(surprisal) != n or len(sentence_end) != n:
+            raise StateError(f"{path} is damaged: its per-cell arrays disagree on the number of cells")
         self.restore(Snapshot(llama_state=data["llama_state"], captured=captured,
-                              next_pos=int(meta["next_pos"]), n_cells=int(meta["n_cells"]),
-                              positions=data["positions"],  # older states of version 2: surprisal unknown
-                              surprisal=data.get("surprisal", np.full(n, np.nan, np.float32)),
-                              sentence_end=data.get("sentence_end", np.zeros(n, bool))))
+                              next_pos=int(meta["next_pos"]), n_cells=n, positions=data["positions"],
+                              surprisal=surprisal, sentence_end=sentence_end))
         return meta.get("extra", {})
 
     def reset(self) -> None:

@@ -256,7 +256,7 @@ def test_ea_keydiff_averages_the_rank_percentiles_of_both(prefilled):
         return weight * percentile(ea) + (1 - weight) * percentile(kd)
 
     for weight in (0.0, 0.3, 1.0):
-        got = ExpectedAttentionKeyDiff(weight=weight).score(prefilled.score_inputs())
+        got = ExpectedAttentionKeyDiff(weight=weight, surprising_share=0).score(prefilled.score_inputs())
         assert got.shape == (inputs.n_cells,) and np.isinf(got[~finite]).all()
         np.testing.assert_allclose(got[finite], combined(weight), atol=1e-6)
 
@@ -266,7 +266,7 @@ def test_ea_keydiff_averages_the_rank_percentiles_of_both(prefilled):
     for keep in (0.5, 0.25, 0.1):
         inputs.keep_fraction = keep
         for scale, weight in ((True, 0.3 * min(1, 2 * keep)), (False, 0.3)):
-            got = ExpectedAttentionKeyDiff(scale_weight=scale).score(inputs)[finite]
+            got = ExpectedAttentionKeyDiff(scale_weight=scale, surprising_share=0).score(inputs)[finite]
             np.testing.assert_allclose(got, combined(weight), atol=1e-6)
             if scale:
                 threshold = np.sort(got)[-int(keep * n)]
