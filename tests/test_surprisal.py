@@ -98,7 +98,7 @@ def test_surprising_sentences_score_at_least_their_rank(tracking):
     context, _, _ = needle_prompt(n_repeats=25, at=10)
     tracking.prefill(context)
     inputs = tracking.score_inputs()
-    base = ExpectedAttentionKeyDiff().score(inputs)
+    base = ExpectedAttentionKeyDiff(surprising_share=0).score(inputs)
     finite = np.isfinite(base)
     n = int(finite.sum())
 
