@@ -130,7 +130,7 @@ def test_surprising_sentence_is_kept_whole(tracking):
     start, end = text.find(b" One of the special magic"), text.find(answer) + len(answer) + 1
     needle = np.flatnonzero((offsets[:-1] >= start) & (offsets[1:] <= end))
     assert len(needle) > 15
-    tracking.compress(0.5)  # the default press lifts the top tenth of the sentences
+    tracking.compress(0.5, press=make_press("ea_keydiff:surprising_share=0.1"))
     assert np.isin(needle, tracking.positions).all()
     tracking.restore(snap)
     tracking.compress(0.5, press=make_press("ea_keydiff:surprising_share=0"))
