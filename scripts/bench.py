@@ -117,16 +117,17 @@ def main(argv=None) -> int:
     rows, method_rows = [], []
     for n in args.lengths:
         tokens = (doc_tokens * (n // len(doc_tokens) + 1))[:n]
-        off = dict(track_surprisal=False)  # the capture alone; the last variant adds the prompt's surprisal
+        off = dict(track_surprisal=False)  # the capture alone
         variants = {"no callback": None, "callback, capture off": dict(capture=False, **off),
                     "capture on, every query": dict(capture=True, stats_sample=None, **off)}
         variants.update({f"capture on, sample of {r} queries": dict(capture=True, stats_sample=r, **off)
                          for r in args.stats_sample})
         variants[f"capture on, last {args.stats_window} tokens"] = dict(capture=True, stats_window=args.stats_window,
                                                                          stats_sample=None, **off)
-        variants[f"capture on, sample of {s.stats_sample} queries (the default capture)"] = dict(capture=True, **off)
-        # last: the compression below uses the statistics (and surprisal) of this one
-        variants[f"defaults: that capture + the prompt's surprisal if {s.press.name} reads it"] = dict(capture=True)
+        # the prompt's surprisal (every token's logits; ea_keydiff:surprising_share reads it) on top of the defaults
+        variants["capture on, defaults + the prompt's surprisal"] = dict(capture=True, track_surprisal=True)
+        # last: the compression below uses the statistics of this one
+        variants[f"capture on, defaults (sample of {s.stats_sample} queries)"] = dict(capture=True, **off)
         times = {k: [] for k in variants}
         for r in range(args.repeat):
             log(f"[{n} tokens] prefill round {r + 1}/{args.repeat}")
