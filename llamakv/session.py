@@ -321,7 +321,7 @@ class KVSession:
                 b.seq_id[i][0] = self.cache.seq_id
                 b.logits[i] = int(track)
             b.logits[m - 1] = int(track or done + m == n)
-            first_surprisal = self._surprisal_of(chunk[0]) if track else math.nan
+            first_surprisal = self._surprisal_of(chunk[0]) if track else None  # before the decode overwrites the logits
             b.n_tokens = m
             a = before + done  # the ubatch holds prompt tokens a .. a + m - 1
             after = total - a - m
@@ -338,7 +338,7 @@ class KVSession:
                     raise CacheFullError("llama.cpp found no free KV slot for the batch")
                 raise LlamaKVError(f"llama_decode failed with code {rc}")
             self._pos_buf[self.n_cells:self.n_cells + m] = np.arange(self.next_pos, self.next_pos + m)
-            self._record_tokens(chunk, first_surprisal if track else None)
+            self._record_tokens(chunk, first_surprisal)
             self.next_pos += m
             self.n_cells += m
             self._has_logits = True
