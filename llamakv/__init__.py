@@ -4,10 +4,11 @@
 import llama_cpp  # noqa: F401  isort: skip
 from .errors import (CacheFullError, CaptureError, LlamaKVError, ModelError, ShimBuildError,
                      StateError, UnsupportedModelError)
+from .models import load_llama
 from .scoring import ExpectedAttention, aggregate
 from .session import CompressionReport, KVSession
 
 __version__ = "0.1.0"
-__all__ = ["KVSession", "CompressionReport", "ExpectedAttention", "aggregate", "LlamaKVError",
+__all__ = ["KVSession", "load_llama", "CompressionReport", "ExpectedAttention", "aggregate", "LlamaKVError",
            "ModelError", "UnsupportedModelError", "ShimBuildError", "CacheFullError",
            "StateError", "CaptureError"]

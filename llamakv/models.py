@@ -11,6 +11,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -20,6 +21,8 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+import llama_cpp
 
 from ._shim import cache_dir
 from .errors import ModelError, UnsupportedModelError
@@ -269,6 +272,34 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     if not path.is_file():
         raise ModelError(f"{path} is not a file")
     return path.resolve()
+_LOAD_LOCK = threading.Lock()
+
+
+def load_llama(model_path: str | os.PathLike, **kwargs) -> llama_cpp.Llama:
+    """`llama_cpp.Llama(model_path, **kwargs)`, except where llama.cpp was built with AMX
+    (llama-cpp-python compiles for the CPU it is installed on): there the weights kept on the CPU
+    are loaded without llama.cpp's extra buffer types (AMX, and the repacked layouts with it).
+    Why: on some Sapphire Rapids machines llama.cpp's AMX matmul crashes the process at the first
+    decode (llama.cpp issue 20824; seen here with SmolLM2 and Qwen2.5-Coder). Use it for a
+    `Llama` you hand to `KVSession` yourself."""
+    if b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info():
+        return llama_cpp.Llama(str(model_path), **kwargs)
+    api = llama_cpp.llama_cpp  # Llama() reads its defaults from here at construction
+    with _LOAD_LOCK:
+        defaults = api.llama_model_default_params
+
+        def without_extra_buffers():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        api.llama_model_default_params = without_extra_buffers
+        try:
+            return llama_cpp.Llama(str(model_path), **kwargs)
+        finally:
+            api.llama_model_default_params = defaults
+
+
 def check_gguf(path: Path, supported: dict | None = None) -> str:
     """Check that the file is a readable GGUF of a supported architecture; returns the
     architecture. Reads only the header, so it fails fast before llama.cpp loads anything."""

@@ -27,7 +27,7 @@ from . import _shim
 from ._shim import HostBuffer
 from .capture import Capture
 from .errors import CacheFullError, LlamaKVError, ModelError, StateError, UnsupportedModelError
-from .models import check_gguf, resolve_model
+from .models import check_gguf, load_llama, resolve_model
 from .scoring import ExpectedAttention, ExpectedAttentionKeyDiff, Press, QuestionAware, ScoreInputs, aggregate
 
 # architectures whose pre-RoPE query is `Qcur-N` (RESHAPE, or VIEW with fused QKV) and whose
@@ -198,7 +198,7 @@ class KVSession:
         """Load a GGUF (path or registry name, see models.toml) and wrap it."""
         path = resolve_model(model)
         check_gguf(path, SUPPORTED_ARCHITECTURES)
-        kwargs = dict(model_path=str(path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
+        kwargs = dict(n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
                       n_batch=n_batch, n_ubatch=n_batch, flash_attn=flash_attn, seed=seed,
                       verbose=verbose)
         # llama-cpp-python decodes on half the cores by default; llama.cpp uses them all
@@ -209,7 +209,7 @@ class KVSession:
         if type_v is not None:
             kwargs["type_v"] = type_v
         try:
-            llama = llama_cpp.Llama(**kwargs)
+            llama = load_llama(path, **kwargs)
         except ValueError as e:
             raise ModelError(f"llama.cpp could not load {path}: {e}") from e
         return cls(llama, **session_kwargs)

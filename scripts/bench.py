@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llama_cpp  # noqa: E402
 
 from llamakv import KVSession  # noqa: E402
-from llamakv.models import resolve_model  # noqa: E402
+from llamakv.models import load_llama, resolve_model  # noqa: E402
 from llamakv.scoring import make_press  # noqa: E402
 
 
@@ -109,8 +109,8 @@ def main(argv=None) -> int:
     common = dict(n_ctx=args.n_ctx, n_batch=512, n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn)
     s = KVSession.from_model(path, n_threads=args.threads, **common)
     log(f"model {path.name}: {s.n_layer} layers, {s.n_head}/{s.n_head_kv} heads, head_dim {s.head_dim}")
-    plain = llama_cpp.Llama(model_path=str(path), n_threads=args.threads, n_threads_batch=args.threads,
-                            n_ubatch=512, verbose=False, **common)
+    plain = load_llama(path, n_threads=args.threads, n_threads_batch=args.threads,
+                       n_ubatch=512, verbose=False, **common)
     doc = resources.files("llamakv").joinpath("data", "sample_document.txt").read_text()
     doc_tokens = s.tokenize(doc)
 

@@ -154,10 +154,21 @@ def test_generation_past_n_ctx_positions(tiny_gguf):
     assert s.n_cells <= 512
 
 
-def test_wraps_an_existing_llama_with_one_context():
-    from llamakv.models import resolve_model
+def test_load_llama_leaves_out_amx_buffers_where_llama_cpp_has_them():
+    from llamakv.models import load_llama, resolve_model
 
-    llama = llama_cpp.Llama(model_path=str(resolve_model(None)), n_ctx=1024, verbose=False)
+    amx = b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+    llama = load_llama(resolve_model(None), n_ctx=256, verbose=False)
+    assert llama.model_params.use_extra_bufts is not amx
+    assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts  # llama_cpp's default is back
+    llama.eval(llama.tokenize(b"The capital of France is"))  # AMX builds crashed here on some CPUs
+    assert llama.n_tokens == len(llama.tokenize(b"The capital of France is"))
+
+
+def test_wraps_an_existing_llama_with_one_context():
+    from llamakv.models import load_llama, resolve_model
+
+    llama = load_llama(resolve_model(None), n_ctx=1024, verbose=False)
     old_ctx = llama._ctx.ctx
     s = KVSession(llama)
     assert llama._ctx.ctx is s.ctx and s.ctx is not old_ctx

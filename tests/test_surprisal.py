@@ -1,10 +1,10 @@
 """The prompt's surprisal, tracked per cell for the presses that read it: equal to what llama.cpp's
 own logits say, kept with its cells through compression, snapshots and saved states."""
-import llama_cpp
 import numpy as np
 import pytest
 
 from llamakv.eval import run, tasks
+from llamakv.models import load_llama
 from llamakv.scoring import ExpectedAttentionKeyDiff, make_press, sentence_surprisal
 from conftest import needle_prompt, needs_data
 
@@ -21,7 +21,7 @@ def tracking(session):
 
 def reference_surprisal(model_path: str, tokens: list[int]) -> np.ndarray:
     """−log p of tokens 1.. from llama-cpp-python's logits of every token (logits_all), in numpy."""
-    llama = llama_cpp.Llama(model_path, n_ctx=1024, logits_all=True, n_threads=2, n_batch=256, verbose=False)
+    llama = load_llama(model_path, n_ctx=1024, logits_all=True, n_threads=2, n_batch=256, verbose=False)
     llama.eval(tokens)
     logits = np.asarray(llama.scores[:len(tokens)], dtype=np.float64)
     top = logits.max(axis=1)
