@@ -9,6 +9,6 @@ from .scoring import ExpectedAttention, aggregate
 from .session import CompressionReport, KVSession
 
 __version__ = "0.1.0"
-__all__ = ["KVSession", "load_llama", "CompressionReport", "ExpectedAttention", "aggregate", "LlamaKVError",
-           "ModelError", "UnsupportedModelError", "ShimBuildError", "CacheFullError",
+__all__ = ["KVSession", "load_llama", "CompressionReport", "ExpectedAttention", "aggregate",
+           "LlamaKVError", "ModelError", "UnsupportedModelError", "ShimBuildError", "CacheFullError",
            "StateError", "CaptureError"]

@@ -272,6 +272,8 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     if not path.is_file():
         raise ModelError(f"{path} is not a file")
     return path.resolve()
+
+
 _LOAD_LOCK = threading.Lock()
 
 
