@@ -377,10 +377,11 @@ class ExpectedAttentionKeyDiff:
     joins (−log p of each token given the text before it; the session computes it when the press
     says `uses_surprisal`): each cell takes the mean surprisal of its sentence, and cells whose
     sentence ranks in the top share s score at least that rank, so that while the kept share is
-    2s or more they stay whole. Why: a fact that stands out from its text (a needle in an essay) is read through its whole sentence,
-    and the per-cell scores keep its rare tokens but drop the small words between them. Only ever
-    a lift: predictable sentences are not pushed down (blending the rank in instead evicted the
-    later needles of a multi-needle prompt, which the model has learnt to predict by then)."""
+    2s or more they stay whole. Why: a fact that stands out from its text (a needle in an essay) is
+    read through its whole sentence, and the per-cell scores keep its rare tokens but drop the small
+    words between them. Only ever a lift: predictable sentences are not pushed down (blending the
+    rank in instead evicted the later needles of a multi-needle prompt, which the model has learnt
+    to predict by then)."""
 
     weight: float = 0.3
     anchor_sample: int = 4096

@@ -321,7 +321,8 @@ class KVSession:
                 b.seq_id[i][0] = self.cache.seq_id
                 b.logits[i] = int(track)
             b.logits[m - 1] = int(track or done + m == n)
-            first_surprisal = self._surprisal_of(chunk[0]) if track else None  # before the decode overwrites the logits
+            # before the decode overwrites the logits
+            first_surprisal = self._surprisal_of(chunk[0]) if track else None
             b.n_tokens = m
             a = before + done  # the ubatch holds prompt tokens a .. a + m - 1
             after = total - a - m
