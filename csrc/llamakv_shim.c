@@ -1,13 +1,18 @@
 /* llamakv shim.
  *
  * llamakv_eval_callback is installed as llama.cpp's cb_eval (ggml-backend scheduler eval callback).
- * It asks for one tensor per layer, the pre-RoPE query (`Qcur-N` as RESHAPE/VIEW, or
- * `Qcur_normed-N` for QK-norm models), and copies only the rows it needs: the last `stats_rows`
- * tokens of the ubatch are merged into running statistics per (layer, head, dimension), the last
- * `window_rows` go to a ring of recent queries. Every asked-for node splits the graph and, on a
- * GPU, costs a synchronisation, so nothing else is asked for: the rope parameters are read off
- * the key's ROPE node and the attention width off the attention node while the scheduler only
- * asks. Keys and values are not copied here: they are read from the cache state when scoring.
+ * First it learns the model's attention layout from one decode in which it only looks (`learn`):
+ * at each attention node (FLASH_ATTN_EXT, or the masked SOFT_MAX over k.q) it follows the query
+ * operand back to the query's ROPE node, whose input is the pre-RoPE query, and records that
+ * node's name and op per layer, with the rope parameters, the logit's scale and soft cap and the
+ * attention sinks. Names alone do not identify it: `Qcur-N` names several nodes of a layer and
+ * QK-norm models rotate `Qcur_normed-N`. Afterwards it asks for exactly those nodes, read at
+ * their own node (ggml may compute ROPE in place over its input), and copies only the rows it
+ * needs: the last `stats_rows` tokens of the ubatch are merged into running statistics per
+ * (layer, head, dimension), the last `window_rows` go to a ring of recent queries. Every
+ * asked-for node splits the graph and, on a GPU, costs a synchronisation, so nothing else is
+ * asked for: the attention widths are read while the scheduler only asks. Keys and values are
+ * not copied here: they are read from the cache state when scoring.
  *
  * The other functions are the kernels Python calls on a sequence state (rows of the K and V
  * cache tensors): conversion to float, expected-attention logits, value norms and the gathers of
@@ -65,59 +70,186 @@ static void set_error(llamakv_capture * c, int32_t code) {
     if (c->error == ERR_NONE) c->error = code;
 }
 
-/* "Qcur-12" with prefix "Qcur" -> 12; -1 if the name is not prefix-N */
-static int layer_of(const char * name, const char * prefix) {
-    size_t n = strlen(prefix);
-    if (strncmp(name, prefix, n) != 0 || name[n] != '-') return -1;
-    const char * p = name + n + 1;
-    if (*p < '0' || *p > '9') return -1;
+static bool is_probe(const llamakv_capture * c, const struct ggml_tensor * t) {
+    return c->probe_buf && c->probe_name[0] && t->op == (enum ggml_op) c->probe_op &&
+           strcmp(t->name, c->probe_name) == 0;
+}
+
+/* "name-12" -> 12: the layer suffix llama.cpp's graph callback gives node names; -1 without one */
+static int layer_suffix(const char * name) {
+    const char * dash = strrchr(name, '-');
+    if (dash == NULL || dash[1] == '\0') return -1;
     int v = 0;
-    for (; *p; ++p) {
+    for (const char * p = dash + 1; *p; ++p) {
         if (*p < '0' || *p > '9') return -1;
         v = v * 10 + (*p - '0');
     }
     return v;
 }
 
-static bool is_probe(const llamakv_capture * c, const struct ggml_tensor * t) {
-    return c->probe_buf && c->probe_name[0] && t->op == (enum ggml_op) c->probe_op &&
-           strcmp(t->name, c->probe_name) == 0;
-}
+enum { NAME_LEN = 64 };
 
-/* layer of a pre-RoPE query node, -1 for any other node */
+/* layer of a learnt pre-RoPE query node, -1 for any other node */
 static int query_layer(const llamakv_capture * c, const struct ggml_tensor * t) {
-    if (t->name[0] != 'Q') return -1;
-    if (c->q_normed) return layer_of(t->name, "Qcur_normed");
-    if (t->op == GGML_OP_RESHAPE || t->op == GGML_OP_VIEW) return layer_of(t->name, "Qcur");
+    if (c->learn || c->q_ops == NULL) return -1;
+    int il = layer_suffix(t->name);
+    if (il >= 0 && il < c->n_layer) {
+        return c->layer_on[il] && c->q_ops[il] == (int32_t) t->op &&
+               strcmp(c->q_names + il * NAME_LEN, t->name) == 0 ? il : -1;
+    }
+    for (il = 0; il < c->n_layer; ++il) {  /* names without a layer suffix */
+        if (c->layer_on[il] && c->q_ops[il] == (int32_t) t->op && strcmp(c->q_names + il * NAME_LEN, t->name) == 0) {
+            return il;
+        }
+    }
     return -1;
 }
 
-/* What the scheduler shows while only asking: rope parameters and attention widths. */
-static void note_graph(llamakv_capture * c, const struct ggml_tensor * t) {
-    int il;
-    if (t->op == GGML_OP_ROPE && t->name[0] == 'K' && (il = layer_of(t->name, "Kcur")) >= 0) {
-        if (il >= c->n_layer) return;
-        c->last_k_layer = il;
-        if (!c->rope_seen[il]) {
-            memcpy(c->rope_params + il * 16, t->op_params, 16 * sizeof(int32_t));
-            const struct ggml_tensor * ff = t->src[2];  /* a model weight: already there */
-            if (ff != NULL && ff->type == GGML_TYPE_F32 && ff->ne[0] >= c->head_dim / 2 && ff->buffer) {
-                ggml_backend_tensor_get(ff, c->rope_factors + (int64_t) il * (c->head_dim / 2), 0,
-                                        (c->head_dim / 2) * sizeof(float));
-                c->rope_has_factors[il] = 1;
-            }
-            c->rope_seen[il] = 1;
+static bool is_attention(const struct ggml_tensor * t) {
+    /* the attention's softmax has a mask; a router's softmax (MoE) has none */
+    return t->op == GGML_OP_FLASH_ATTN_EXT || (t->op == GGML_OP_SOFT_MAX && t->src[1] != NULL);
+}
+
+static float op_param_f32(const struct ggml_tensor * t, int i) {
+    float v;
+    memcpy(&v, (const char *) t->op_params + i * sizeof(float), sizeof v);
+    return v;
+}
+
+static bool same_shape3(const struct ggml_tensor * t, int64_t ne0, int64_t ne1, int64_t ne2) {
+    return t->ne[0] == ne0 && t->ne[1] == ne1 && t->ne[2] == ne2 && t->ne[3] == 1;
+}
+
+/* Layout problems found while learning (Python names them). */
+enum {
+    LAYOUT_OK = 0,
+    LAYOUT_KQ_BIAS = 1,     /* something other than scales and a soft cap between q.k and the softmax */
+    LAYOUT_NO_QUERY = 2,    /* the query's walk met no tensor shaped [head_dim, n_head, n_tokens] */
+    LAYOUT_LAYER = 3,       /* more attention nodes than layers, or a layer index out of range */
+};
+
+/* The logit of one attention node as softcap, scale (before the q path's own scales), max_bias;
+ * returns the kq MUL_MAT's or FLASH_ATTN_EXT's query operand, NULL where the layout is unknown. */
+static const struct ggml_tensor * attention_logit(const struct ggml_tensor * a, float * scale, float * softcap,
+                                                  float * max_bias, const struct ggml_tensor ** sinks) {
+    if (a->op == GGML_OP_FLASH_ATTN_EXT) {
+        /* ggml: s = q.k * scale; with a soft cap c: c tanh(s / c) */
+        *scale = op_param_f32(a, 0);
+        *max_bias = op_param_f32(a, 1);
+        *softcap = op_param_f32(a, 2);
+        *sinks = a->src[4];
+        return a->src[0];
+    }
+    /* soft_max_ext(x, mask, scale, max_bias) over x = [scale_out] [tanh] [scale_in] (k q) */
+    float out = op_param_f32(a, 0), in = 1.0f;
+    *max_bias = op_param_f32(a, 1);
+    *sinks = a->src[2];
+    const struct ggml_tensor * x = a->src[0];
+    bool tanh = false;
+    for (; x != NULL; x = x->src[0]) {
+        if (x->op == GGML_OP_SCALE && op_param_f32(x, 1) == 0.0f) {
+            if (tanh) in *= op_param_f32(x, 0); else out *= op_param_f32(x, 0);
+        } else if (!tanh && x->op == GGML_OP_UNARY && ggml_get_unary_op(x) == GGML_UNARY_OP_TANH) {
+            tanh = true;
+        } else {
+            break;
         }
-        return;
     }
-    if (t->op == GGML_OP_FLASH_ATTN_EXT) {
-        /* unnamed per layer: it follows the key of its layer */
-        if (c->last_k_layer >= 0 && t->src[1] != NULL) c->n_kv[c->last_k_layer] = (int32_t) t->src[1]->ne[1];
-        return;
+    if (x == NULL || x->op != GGML_OP_MUL_MAT) return NULL;
+    /* out tanh(in x) = c tanh(scale x / c) with c = out, scale = in out */
+    *softcap = tanh ? out : 0.0f;
+    *scale = tanh ? in * out : out;
+    return x->src[1];
+}
+
+static bool is_hadamard(const struct ggml_tensor * t) {
+    return t->op == GGML_OP_MUL_MAT && t->src[0] != NULL && strcmp(t->src[0]->name, "attn_inp_k_rot") == 0;
+}
+
+/* Follow an attention node's query back to the pre-RoPE query and record it as layer il's. */
+static void learn_attention(llamakv_capture * c, const struct ggml_tensor * a) {
+    float scale = 0, softcap = 0, max_bias = 0;
+    const struct ggml_tensor * sinks = NULL;
+    const struct ggml_tensor * q = attention_logit(a, &scale, &softcap, &max_bias, &sinks);
+    if (q == NULL) { if (!c->layout_error) c->layout_error = LAYOUT_KQ_BIAS; return; }
+    /* walk: views, permutes, copies, scales and the quantized cache's Hadamard rotation */
+    enum { MAX_WALK = 32 };
+    const struct ggml_tensor * walked[MAX_WALK];
+    float scale_after[MAX_WALK];  /* product of the scales between walked[i] and the attention */
+    int n = 0, k_rot = 0;
+    float s = 1.0f;
+    const struct ggml_tensor * t = q;
+    while (t != NULL && n < MAX_WALK) {
+        walked[n] = t;
+        scale_after[n++] = s;
+        if (t->op == GGML_OP_SCALE && op_param_f32(t, 1) == 0.0f) {
+            s *= op_param_f32(t, 0);
+            t = t->src[0];
+        } else if (is_hadamard(t)) {
+            k_rot = (int) t->src[0]->ne[0];
+            t = t->src[1];
+        } else if (t->op == GGML_OP_VIEW || t->op == GGML_OP_RESHAPE || t->op == GGML_OP_PERMUTE ||
+                   t->op == GGML_OP_CONT || t->op == GGML_OP_TRANSPOSE || t->op == GGML_OP_CPY) {
+            t = t->src[0];
+        } else {
+            break;
+        }
     }
-    if (t->op == GGML_OP_MUL_MAT && t->name[0] == 'k' && (il = layer_of(t->name, "kq")) >= 0 &&
-        il < c->n_layer) {
-        c->n_kv[il] = (int32_t) t->ne[0];
+    const struct ggml_tensor * rope = NULL, * query = NULL;
+    float q_scale = s;
+    const int64_t n_tok = q->ne[1] * q->ne[3];  /* permuted: [head_dim, n_tokens, n_head, n_stream] */
+    if (t != NULL && t->op == GGML_OP_ROPE) {
+        rope = t;
+        query = t->src[0];
+    } else {
+        /* no rope: the deepest tensor of the walk shaped [head_dim, n_head, n_tokens] */
+        for (int i = n - 1; i >= 0 && query == NULL; --i) {
+            if (walked[i]->op != GGML_OP_PERMUTE && same_shape3(walked[i], q->ne[0], q->ne[2], n_tok)) {
+                query = walked[i];
+                q_scale = scale_after[i];
+            }
+        }
+    }
+    if (query == NULL) { if (!c->layout_error) c->layout_error = LAYOUT_NO_QUERY; return; }
+    int il = layer_suffix(query->name);
+    if (il < 0 && rope != NULL) il = layer_suffix(rope->name);
+    if (il < 0) il = c->n_attn;
+    if (il >= c->n_layer || c->n_attn >= c->n_layer) { if (!c->layout_error) c->layout_error = LAYOUT_LAYER; return; }
+    c->attn_layer[c->n_attn++] = il;
+    strncpy(c->q_names + il * NAME_LEN, query->name, NAME_LEN - 1);
+    c->q_ops[il] = (int32_t) query->op;
+    c->q_shape[il * 2] = (int32_t) query->ne[0];
+    c->q_shape[il * 2 + 1] = (int32_t) query->ne[1];
+    c->logit[il * 3] = scale * q_scale;
+    c->logit[il * 3 + 1] = softcap;
+    c->logit[il * 3 + 2] = max_bias;
+    c->k_rot[il] = k_rot;
+    c->n_kv[il] = (int32_t) (a->op == GGML_OP_FLASH_ATTN_EXT ? a->src[1]->ne[1] : a->src[0]->ne[0]);
+    if (sinks != NULL && sinks->type == GGML_TYPE_F32 && sinks->ne[0] == c->n_head && sinks->buffer) {
+        ggml_backend_tensor_get(sinks, c->sinks + (int64_t) il * c->n_head, 0, c->n_head * sizeof(float));
+        c->has_sinks[il] = 1;
+    }
+    if (rope != NULL) {
+        strncpy(c->rope_names + il * NAME_LEN, rope->name, NAME_LEN - 1);
+        memcpy(c->rope_params + il * 16, rope->op_params, 16 * sizeof(int32_t));
+        const struct ggml_tensor * ff = rope->src[2];  /* a model weight: already there */
+        if (ff != NULL && ff->type == GGML_TYPE_F32 && ff->ne[0] >= c->head_dim / 2 && ff->buffer) {
+            ggml_backend_tensor_get(ff, c->rope_factors + (int64_t) il * (c->head_dim / 2), 0,
+                                    (c->head_dim / 2) * sizeof(float));
+            c->rope_has_factors[il] = 1;
+        }
+        c->rope_seen[il] = 1;
+    }
+}
+
+/* What the scheduler shows while only asking: the layout (learning) and attention widths. */
+static void note_graph(llamakv_capture * c, const struct ggml_tensor * t) {
+    if (!is_attention(t)) return;
+    if (c->learn) { learn_attention(c, t); return; }
+    if (c->n_attn >= c->n_layer) return;
+    const int il = c->attn_layer[c->n_attn++];
+    if (il >= 0 && il < c->n_layer) {
+        c->n_kv[il] = (int32_t) (t->op == GGML_OP_FLASH_ATTN_EXT ? t->src[1]->ne[1] : t->src[0]->ne[0]);
     }
 }
 
@@ -346,6 +478,7 @@ bool llamakv_eval_callback(void * tensor, bool ask, void * user_data) {
     const bool probe = is_probe(c, t);
     if (ask) {
         if (il < 0) note_graph(c, t);
+        if (c->learn) return false;
         const bool want_q = il >= 0 && (stats_rows_of(c) > 0 || window_rows_of(c) > 0);
         return want_q || probe;
     }
@@ -669,7 +802,8 @@ static double exp_shifted(float * z, int64_t n, float mx) {
 }
 
 int32_t llamakv_ea_attention(float * z, int64_t n_cells, int32_t n_head, int32_t n_head_kv, const uint8_t * scored,
-                             const float * vnorm, int64_t vnorm_stride, float epsilon, float * out) {
+                             const float * sinks, const float * vnorm, int64_t vnorm_stride, float epsilon,
+                             float * out) {
     const int32_t group = n_head / n_head_kv;
     float * inv_sum = malloc(n_head * sizeof(float));
     if (inv_sum == NULL) return ERR_NO_MEMORY;
@@ -680,8 +814,10 @@ int32_t llamakv_ea_attention(float * z, int64_t n_cells, int32_t n_head, int32_t
             if (!scored[i]) zh[i] = -INFINITY;
             else if (zh[i] > mx) mx = zh[i];
         }
+        if (sinks != NULL && sinks[h] > mx) mx = sinks[h];
         if (mx == -INFINITY) mx = 0.0f;  /* nothing scored: every exp below is 0 */
-        const double sum = exp_shifted(zh, n_cells, mx);
+        /* a learned sink takes its share of the softmax without a cell (GPT-OSS) */
+        const double sum = exp_shifted(zh, n_cells, mx) + (sinks != NULL ? exp((double) sinks[h] - mx) : 0.0);
         inv_sum[h] = sum > 0.0 ? (float) (1.0 / (sum * group)) : 0.0f;
     }
     for (int32_t g = 0; g < n_head_kv; ++g) {

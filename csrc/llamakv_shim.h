@@ -6,7 +6,6 @@ typedef struct llamakv_capture {
     /* configuration, written by Python */
     int32_t n_layer, n_head, head_dim;
     int32_t n_ubatch;          /* largest ubatch: sizes the staging buffer */
-    int32_t q_normed;          /* 1: pre-RoPE query is `Qcur_normed-N` (QK-norm models) */
     int32_t n_sink;            /* positions below this are left out of the statistics */
     int32_t enabled;           /* 0: the callback observes nothing (and splits no graph) */
     int32_t stats_enabled;     /* 0: queries are not accumulated */
@@ -28,13 +27,30 @@ typedef struct llamakv_capture {
     int32_t window_cap;
     int32_t window_head;       /* ring slot of the ubatch's first window row (Python advances it) */
 
-    /* what the graph tells us */
-    int32_t * rope_params;     /* [n_layer][16]: the K ROPE node's op_params */
+    /* the attention layout, learnt from the graph's structure while `learn` is set (the callback
+     * then only looks): each attention node's query is followed back through views, permutes,
+     * scales and the Hadamard rotation of a quantized cache to its ROPE node, whose input is the
+     * pre-RoPE query; a layer without rope has its query read where that walk ends */
+    int32_t learn;
+    int32_t n_attn;            /* attention nodes seen in the current graph */
+    int32_t layout_error;      /* first problem met while learning, 0 if none (see the .c file) */
+    char * q_names;            /* [n_layer][64]: name of the pre-RoPE query node */
+    int32_t * q_ops;           /* [n_layer]: its op, -1 where no attention node was found */
+    int32_t * q_shape;         /* [n_layer][2]: its ne0, ne1 (head_dim, n_head) */
+    char * rope_names;         /* [n_layer][64]: name of the query's ROPE node, "" without rope */
+    float * logit;             /* [n_layer][3]: scale, softcap, max_bias: the logit of a rotated
+                                  query q and a cached key k is softcap tanh(scale q.k / softcap)
+                                  (scale q.k when softcap is 0), plus ALiBi's bias */
+    float * sinks;             /* [n_layer][n_head]: learned sink logits (GPT-OSS) */
+    int32_t * has_sinks;       /* [n_layer] */
+    int32_t * k_rot;           /* [n_layer]: size of the Hadamard blocks rotating q and k, 0: none */
+    int32_t * attn_layer;      /* [n_layer]: layer of the k-th attention node of a graph */
+    int32_t * layer_on;        /* [n_layer]: 1 where the layer's queries are captured (set by Python) */
+    int32_t * rope_params;     /* [n_layer][16]: the query's ROPE node's op_params */
     float * rope_factors;      /* [n_layer][head_dim/2]: the ROPE node's frequency factors */
     int32_t * rope_has_factors;/* [n_layer] */
     int32_t * rope_seen;       /* [n_layer] */
     int32_t * n_kv;            /* [n_layer]: width of the last attention (cells attended) */
-    int32_t last_k_layer;      /* layer of the last K ROPE node seen, -1 before the first */
 
     /* optional probe: copy the F32 tensor with this name and op (tests, debugging) */
     char probe_name[64];
@@ -74,11 +90,13 @@ int32_t llamakv_ea_logits(const uint8_t * rows, int32_t type, int64_t row_bytes,
                           float * keydiff, float * z);
 
 /* Expected Attention's scores of one layer from its logits z [n_head][n_cells] (overwritten): per
- * query head the softmax over the cells with scored[i] != 0, the mean over each GQA group, plus
- * epsilon, times the value norm vnorm[i * vnorm_stride + g] (skipped if vnorm is NULL); cells not
- * scored get +inf. out [n_head_kv][n_cells]. */
+ * query head the softmax over the cells with scored[i] != 0 (and the head's learned sink logit
+ * sinks[h] in the denominator, unless sinks is NULL), the mean over each GQA group, plus epsilon,
+ * times the value norm vnorm[i * vnorm_stride + g] (skipped if vnorm is NULL); cells not scored
+ * get +inf. out [n_head_kv][n_cells]. */
 int32_t llamakv_ea_attention(float * z, int64_t n_cells, int32_t n_head, int32_t n_head_kv, const uint8_t * scored,
-                             const float * vnorm, int64_t vnorm_stride, float epsilon, float * out);
+                             const float * sinks, const float * vnorm, int64_t vnorm_stride, float epsilon,
+                             float * out);
 
 /* KeyDiff's anchor of one layer: per KV head, the normalised mean of the normalised key heads of the
  * cells i = stride / 2 + j * stride with scored[i] != 0 (all of them, if none is; every cell, if

@@ -46,15 +46,17 @@ class LayerTensor:
 
 
 @dataclass
-class SeqState:
-    """A parsed llama_state_seq_get_data blob of one sequence (one stream, no per-cell extension).
-
-    Layout (llama-context.cpp / llama-kv-cache.cpp): u32 magic, i32 seq_id, u32 n_stream,
-    u32 n_cells, per cell (i32 pos, u32 n_seq_id = 1, i32 seq_id), u32 v_trans, u32 n_layer,
-    per layer (i32 type, u64 row_bytes, n_cells rows) for K, then the same for V, or when V is
-    transposed per layer (i32 type, u32 elem_size, u32 n_embd, n_embd x n_cells elements).
-    """
-    buf: np.ndarray
+class CacheSection:
+    """The part of a sequence state written by one KV cache (llama_kv_cache::state_write): u32
+    n_stream, then per stream u32 n_cells and, for a stream with cells, per cell (i32 pos,
+    u32 n_seq_id = 1, i32 seq_id), u32 v_trans, u32 n_layer, per layer (i32 type, u64 row_bytes,
+    n_cells rows) for K, then the same for V, or when V is transposed per layer (i32 type,
+    u32 elem_size, u32 n_embd, n_embd x n_cells elements). One stream holds the sequence's cells
+    (the others, with llama.cpp's per-sequence streams, are empty)."""
+    start: int              # byte offsets of the section in the state
+    end: int
+    n_stream: int
+    stream: int             # the stream holding the cells (0 when there are none)
     pos: np.ndarray         # [n_cells] int32, in cell order
     cell_meta: np.ndarray   # [n_cells, 3] int32
     v_trans: bool
@@ -66,17 +68,31 @@ class SeqState:
         return len(self.pos)
 
     @classmethod
-    def parse(cls, state: np.ndarray) -> "SeqState":
-        """Raises ValueError on any other layout."""
-        buf = np.frombuffer(state, dtype=np.uint8)
-        if len(buf) < 24:
-            raise ValueError("state too short")
-        magic, _seq, n_stream, n = struct.unpack_from("<IiII", buf, 0)
-        if magic != STATE_MAGIC or n_stream != 1:
-            raise ValueError("not a single-stream sequence state")
-        off = 16
-        meta = buf[off:off + 12 * n].view(np.int32).reshape(n, 3) if n else np.zeros((0, 3), np.int32)
-        if len(meta) != n or (n and not (meta[:, 1] == 1).all()):
+    def parse(cls, buf: np.ndarray, off: int) -> "CacheSection":
+        """The section starting at byte `off` of the state `buf`; raises ValueError on any other layout."""
+        start = off
+        (n_stream,) = struct.unpack_from("<I", buf, off)
+        off += 4
+        if not 1 <= n_stream <= 4096:
+            raise ValueError(f"implausible stream count {n_stream}")
+        found, data = 0, None
+        for s in range(n_stream):
+            (n,) = struct.unpack_from("<I", buf, off)
+            off += 4
+            if n == 0:
+                continue
+            if data is not None:
+                raise ValueError("the sequence has cells in several streams")
+            found = s
+            data, off = cls._parse_stream(buf, off, n)
+        if data is None:
+            return cls(start, off, n_stream, 0, np.zeros(0, np.int32), np.zeros((0, 3), np.int32), False, [], [])
+        return cls(start, off, n_stream, found, *data)
+
+    @staticmethod
+    def _parse_stream(buf: np.ndarray, off: int, n: int):
+        meta = buf[off:off + 12 * n].view(np.int32).reshape(n, 3) if off + 12 * n <= len(buf) else None
+        if meta is None or not (meta[:, 1] == 1).all():
             raise ValueError("cells shared by several sequences or with extensions")
         off += 12 * n
         v_trans, n_layer = struct.unpack_from("<II", buf, off)
@@ -99,25 +115,29 @@ class SeqState:
                 off += size
                 if off > len(buf):
                     raise ValueError("state truncated")
-        if off != len(buf):
-            raise ValueError(f"unexpected state layout ({off} of {len(buf)} bytes parsed)")
-        return cls(buf, meta[:, 0].copy(), meta, bool(v_trans), sections["k"], sections["v"])
+        return (meta[:, 0].copy(), meta, bool(v_trans), sections["k"], sections["v"]), off
 
-    def keep(self, rows: np.ndarray, into: _shim.HostBuffer | None = None) -> np.ndarray:
-        """A new state blob holding only the cells at these row indices (sorted), in order (a view
-        of `into` if given)."""
-        rows = np.ascontiguousarray(rows, dtype=np.int64)
-        n, m = self.n_cells, len(rows)
-        size_total = 24 + 12 * m + 24 * len(self.k)
-        size_total += sum(lt.data.shape[0] * m * lt.elem if lt.transposed else lt.row_bytes * m
+    def size_keeping(self, m: int) -> int:
+        """Bytes of this section holding m of its cells."""
+        if self.n_cells == 0:
+            return self.end - self.start
+        size = 4 + 4 * self.n_stream + 12 * m + 8 + 12 * (len(self.k) + len(self.v))
+        return size + sum(lt.data.shape[0] * m * lt.elem if lt.transposed else lt.row_bytes * m
                           for lt in (*self.k, *self.v))
-        out = into.view(size_total) if into is not None else np.empty(size_total, dtype=np.uint8)
-        out[:12] = self.buf[:12]
-        out[12:16] = np.array([m], dtype="<u4").view(np.uint8)
-        off = 16
+
+    def write_keeping(self, buf: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+        """Write this section into `out` (size_keeping(len(rows)) bytes) with only the cells at
+        `rows` (sorted), in order."""
+        n, m = self.n_cells, len(rows)
+        counts = np.zeros(self.n_stream, dtype="<u4")
+        counts[self.stream] = m
+        out[:4] = np.array([self.n_stream], dtype="<u4").view(np.uint8)
+        out[4:4 + 4 * self.n_stream] = counts.view(np.uint8)
+        off = 4 + 4 * self.n_stream
         out[off:off + 12 * m] = self.cell_meta[rows].reshape(-1).view(np.uint8)
         off += 12 * m
-        out[off:off + 8] = self.buf[16 + 12 * n:16 + 12 * n + 8]
+        v_trans_at = self.start + 4 + 4 * self.n_stream + 12 * n
+        out[off:off + 8] = buf[v_trans_at:v_trans_at + 8]
         off += 8
         lib = _shim.load().lib
         idx = _shim.ptr("int64_t *", rows)
@@ -128,7 +148,7 @@ class SeqState:
             size = lt.data.shape[0] * m * lt.elem if lt.transposed else m * lt.row_bytes
             jobs.append((lt, out[off:off + size]))
             off += size
-        assert off == size_total
+        assert off == len(out)
 
         def gather(job) -> None:
             lt, dst = job
@@ -140,6 +160,75 @@ class SeqState:
                                         lt.row_bytes, idx, m)
 
         _shim.parallel_map(gather, jobs)
+
+
+@dataclass
+class SeqState:
+    """A parsed llama_state_seq_get_data blob of one sequence: u32 magic, i32 seq_id, then one
+    section per KV cache of the model (CacheSection): one for a plain cache; for a
+    sliding-window (iSWA) model the global layers' cache, then the sliding layers' one. The
+    first section holds the cells llamakv scores and evicts; `pos`, `k`, `v` are its."""
+    buf: np.ndarray
+    sections: list[CacheSection]
+
+    @property
+    def main(self) -> CacheSection:
+        return self.sections[0]
+
+    @property
+    def pos(self) -> np.ndarray:
+        return self.main.pos
+
+    @property
+    def k(self) -> list[LayerTensor]:
+        return self.main.k
+
+    @property
+    def v(self) -> list[LayerTensor]:
+        return self.main.v
+
+    @property
+    def n_cells(self) -> int:
+        return self.main.n_cells
+
+    @classmethod
+    def from_layers(cls, pos: np.ndarray, k: list[LayerTensor], v: list[LayerTensor]) -> "SeqState":
+        """A state of one section made of given layer tensors (scoring keys that come from elsewhere)."""
+        n = len(pos)
+        section = CacheSection(0, 0, 1, 0, np.asarray(pos, dtype=np.int32), np.zeros((n, 3), np.int32), False, k, v)
+        return cls(np.zeros(0, np.uint8), [section])
+
+    @classmethod
+    def parse(cls, state: np.ndarray, n_sections: int | None = None) -> "SeqState":
+        """Raises ValueError on any other layout (or another number of sections, if given)."""
+        buf = np.frombuffer(state, dtype=np.uint8)
+        if len(buf) < 12:
+            raise ValueError("state too short")
+        magic, _seq = struct.unpack_from("<Ii", buf, 0)
+        if magic != STATE_MAGIC:
+            raise ValueError("not a sequence state")
+        off, sections = 8, []
+        while off < len(buf):
+            sections.append(CacheSection.parse(buf, off))
+            off = sections[-1].end
+        if off != len(buf):
+            raise ValueError(f"unexpected state layout ({off} of {len(buf)} bytes parsed)")
+        if not sections or (n_sections is not None and len(sections) != n_sections):
+            raise ValueError(f"{len(sections)} cache sections in the state, expected {n_sections}")
+        return cls(buf, sections)
+
+    def keep(self, rows: np.ndarray, into: _shim.HostBuffer | None = None) -> np.ndarray:
+        """A new state blob whose first section holds only the cells at these row indices
+        (sorted), in order; the other sections as they are (a view of `into` if given)."""
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        main = self.main
+        size_main = main.size_keeping(len(rows))
+        rest = self.buf[main.end:]
+        size_total = 8 + size_main + len(rest)
+        out = into.view(size_total) if into is not None else np.empty(size_total, dtype=np.uint8)
+        out[:8] = self.buf[:8]
+        main.write_keeping(self.buf, rows, out[8:8 + size_main])
+        out[8 + size_main:] = rest
         return out
 
 

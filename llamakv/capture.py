@@ -7,18 +7,56 @@ llama.cpp's cache and are read from the sequence state when scoring (llamakv/cac
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from . import _shim
-from .errors import CaptureError
+from .errors import CaptureError, UnsupportedModelError
 from .rope import RopeParams
 from .stats import QueryStats
+
+NAME_LEN = 64  # bytes per node name in the layout arrays (csrc: NAME_LEN)
+
+# csrc: the LAYOUT_* codes of learn_attention
+_LAYOUT_ERRORS = {
+    1: "its attention adds something other than scales and a soft cap to q.k before the softmax",
+    2: "the query of an attention node could not be followed back to a [head_dim, n_head, n_tokens] tensor",
+    3: "its graph has more attention nodes than layers",
+}
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """How one layer attends, as llama.cpp's graph computes it: the pre-RoPE query node the
+    callback reads, the rope applied to it (None for a layer without rope), and the logit of a
+    rotated query q and a cached key k: softcap * tanh(scale * q.k / softcap), or scale * q.k
+    when softcap is 0, with the learned sink logits in the softmax's denominator if any."""
+    layer: int
+    query_node: str
+    query_op: int
+    rope_node: str
+    has_rope: bool
+    scale: float
+    softcap: float
+    max_bias: float
+    sinks: np.ndarray | None
+    k_rot: int        # size of the Hadamard blocks that rotate q and k (quantized K cache), 0: none
+    head_dim: int     # of the query node
+    n_head: int
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    layers: tuple[LayerAttention | None, ...]  # None: no attention node found for that layer
+
+    def missing(self) -> list[int]:
+        return [i for i, a in enumerate(self.layers) if a is None]
 
 
 class Capture:
     def __init__(self, *, n_layer: int, n_head: int, head_dim: int, n_ubatch: int,
-                 q_normed: bool = False, n_sink: int = 4, full_covariance: bool = False,
-                 window: int = 64):
+                 n_sink: int = 4, full_covariance: bool = False, window: int = 64):
         self.shim = _shim.load()
         ffi = self.shim.ffi
         self.n_layer, self.n_head, self.head_dim = n_layer, n_head, head_dim
@@ -32,6 +70,18 @@ class Capture:
         self.rope_has_factors = np.zeros(n_layer, dtype=np.int32)
         self.rope_seen = np.zeros(n_layer, dtype=np.int32)
         self.n_kv = np.zeros(n_layer, dtype=np.int32)
+        # the attention layout, learnt once (learn_layout)
+        self.q_names = np.zeros((n_layer, NAME_LEN), dtype=np.uint8)
+        self.q_ops = np.full(n_layer, -1, dtype=np.int32)
+        self.q_shape = np.zeros((n_layer, 2), dtype=np.int32)
+        self.rope_names = np.zeros((n_layer, NAME_LEN), dtype=np.uint8)
+        self.logit = np.zeros((n_layer, 3), dtype=np.float32)
+        self.sinks = np.zeros((n_layer, n_head), dtype=np.float32)
+        self.has_sinks = np.zeros(n_layer, dtype=np.int32)
+        self.k_rot = np.zeros(n_layer, dtype=np.int32)
+        self.attn_layer = np.full(n_layer, -1, dtype=np.int32)
+        self.layer_on = np.ones(n_layer, dtype=np.int32)  # layers whose queries are captured
+        self.layout: AttentionLayout | None = None
         # pinned when there is a GPU: queries are copied from the device into it
         self._q_stage_buffer = _shim.HostBuffer()
         self._q_stage = self._q_stage_buffer.view(n_ubatch * n_head * head_dim * 4).view(np.float32)
@@ -42,7 +92,6 @@ class Capture:
         c = ffi.new("llamakv_capture *")
         c.n_layer, c.n_head, c.head_dim = n_layer, n_head, head_dim
         c.n_ubatch = n_ubatch
-        c.q_normed = int(q_normed)
         c.n_sink = n_sink
         c.enabled = 1
         c.stats_enabled = 1
@@ -57,10 +106,19 @@ class Capture:
         c.rope_has_factors = _shim.ptr("int32_t *", self.rope_has_factors)
         c.rope_seen = _shim.ptr("int32_t *", self.rope_seen)
         c.n_kv = _shim.ptr("int32_t *", self.n_kv)
+        c.q_names = _shim.ptr("char *", self.q_names)
+        c.q_ops = _shim.ptr("int32_t *", self.q_ops)
+        c.q_shape = _shim.ptr("int32_t *", self.q_shape)
+        c.rope_names = _shim.ptr("char *", self.rope_names)
+        c.logit = _shim.ptr("float *", self.logit)
+        c.sinks = _shim.ptr("float *", self.sinks)
+        c.has_sinks = _shim.ptr("int32_t *", self.has_sinks)
+        c.k_rot = _shim.ptr("int32_t *", self.k_rot)
+        c.attn_layer = _shim.ptr("int32_t *", self.attn_layer)
+        c.layer_on = _shim.ptr("int32_t *", self.layer_on)
         c.q_stage = _shim.ptr("float *", self._q_stage)
         c.scratch = _shim.ptr("float *", self._scratch)
         c.q_work = _shim.ptr("double *", self._q_work)
-        c.last_k_layer = -1
         self._c = c
 
     # -- wiring into llama.cpp -------------------------------------------------------------
@@ -102,6 +160,42 @@ class Capture:
         self._c.capture_ns = 0
         self._c.copy_ns = 0
 
+    # -- the layout ------------------------------------------------------------------------
+    def begin_learning(self) -> None:
+        """The next decode call only looks at the graph: it records each layer's attention
+        (see the shim) and captures nothing."""
+        for a in (self.q_names, self.rope_names, self.logit, self.sinks, self.has_sinks, self.k_rot,
+                  self.rope_params, self.rope_factors, self.rope_has_factors, self.rope_seen):
+            a[:] = 0
+        self.q_ops[:] = -1
+        self.attn_layer[:] = -1
+        self._c.layout_error = 0
+        self._c.n_attn = 0
+        self._c.learn = 1
+
+    def end_learning(self) -> AttentionLayout:
+        """The layout the decode call since begin_learning() showed; raises where the graph is
+        not one llamakv can score."""
+        self._c.learn = 0
+        err = int(self._c.layout_error)
+        if err:
+            raise UnsupportedModelError(f"llamakv cannot score this model: {_LAYOUT_ERRORS.get(err, err)}")
+        layers = []
+        for il in range(self.n_layer):
+            if self.q_ops[il] < 0:
+                layers.append(None)
+                continue
+            name = lambda a: bytes(a[il]).split(b"\0", 1)[0].decode(errors="replace")  # noqa: E731
+            layers.append(LayerAttention(
+                layer=il, query_node=name(self.q_names), query_op=int(self.q_ops[il]),
+                rope_node=name(self.rope_names), has_rope=bool(self.rope_seen[il]),
+                scale=float(self.logit[il, 0]), softcap=float(self.logit[il, 1]),
+                max_bias=float(self.logit[il, 2]),
+                sinks=self.sinks[il].copy() if self.has_sinks[il] else None, k_rot=int(self.k_rot[il]),
+                head_dim=int(self.q_shape[il, 0]), n_head=int(self.q_shape[il, 1])))
+        self.layout = AttentionLayout(tuple(layers))
+        return self.layout
+
     # -- per ubatch ------------------------------------------------------------------------
     def begin_ubatch(self, pos0: int, n_tok: int, stats_rows: int, window_rows: int) -> bool:
         """Tell the callback about the ubatch about to be decoded: tokens at positions
@@ -112,7 +206,7 @@ class Capture:
         self._c.ubatch_n_tok = n_tok
         self._c.stats_rows = max(0, min(stats_rows, n_tok)) if on and self.stats_enabled else 0
         self._c.window_rows = max(0, min(window_rows, n_tok, self.window_cap)) if on else 0
-        self._c.last_k_layer = -1
+        self._c.n_attn = 0
         return bool(self._c.stats_rows or self._c.window_rows)
 
     def end_ubatch(self, decoded: bool) -> None:
@@ -172,7 +266,10 @@ class Capture:
         self.window_len = n
         self._c.window_head = n % self.window_cap
 
-    def rope(self, layer: int) -> RopeParams:
+    def rope(self, layer: int) -> RopeParams | None:
+        """The rope of a layer's query, None for a layer without rope."""
+        if self.layout is not None and self.layout.layers[layer] is not None and not self.layout.layers[layer].has_rope:
+            return None
         if not self.rope_seen[layer]:
             raise CaptureError(f"no ROPE node of layer {layer} has been observed yet")
         factors = self.rope_factors[layer] if self.rope_has_factors[layer] else None

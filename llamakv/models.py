@@ -328,9 +328,10 @@ def check_gguf(path: Path, supported: dict | None = None) -> str:
 
 
 def _compressible(architecture: str) -> bool:
-    from . import session  # session imports this module
+    from .architectures import SPECS
 
-    return architecture in session.SUPPORTED_ARCHITECTURES
+    spec = SPECS.get(architecture)
+    return spec is not None and spec.compressible
 
 
 def _status(entry: ModelEntry, cache: Path) -> tuple[str, str]:

@@ -125,3 +125,14 @@ class RopeParams:
         out[..., a] = A * ka + B * kb
         out[..., b] = -B * ka + A * kb
         return out
+
+
+def hadamard(n: int) -> np.ndarray:
+    """The orthonormal Walsh-Hadamard matrix of size n (a power of two) in Sylvester's order, as
+    llama.cpp builds it to rotate q and k before a quantized K cache (symmetric, its own inverse)."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Hadamard matrix needs a power of two, got {n}")
+    h = np.ones((1, 1))
+    while len(h) < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / math.sqrt(n)

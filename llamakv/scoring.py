@@ -40,6 +40,23 @@ class ScoreInputs:
     keep_fraction: float = 1.0  # share of the scored cells the caller will keep, if it knows (1: unknown)
     surprisal: np.ndarray | None = None     # [n_cells] −log p of each cell's token given the prompt before it (NaN: unknown)
     sentence_end: np.ndarray | None = None  # [n_cells] bool: the cell's token ends a sentence
+    # the attention logit of each scored layer, as llama.cpp computes it (capture.LayerAttention):
+    # softcap tanh(scale q.k / softcap) of a rotated query q; None: scale 1/sqrt(head_dim), no cap
+    logit_scale: np.ndarray | None = None   # [n_layer]
+    softcap: np.ndarray | None = None       # [n_layer], 0 where there is none
+    sink_logits: np.ndarray | None = None   # [n_layer, n_head] learned sink logits, NaN rows where none
+
+    def scale(self, layer: int) -> float:
+        """The factor of q.k in the layer's attention logit."""
+        return 1.0 / math.sqrt(self.head_dim) if self.logit_scale is None else float(self.logit_scale[layer])
+
+    def cap(self, layer: int) -> float:
+        return 0.0 if self.softcap is None else float(self.softcap[layer])
+
+    def sinks(self, layer: int) -> np.ndarray | None:
+        if self.sink_logits is None or np.isnan(self.sink_logits[layer]).all():
+            return None
+        return np.ascontiguousarray(self.sink_logits[layer], dtype=np.float32)
 
     @classmethod
     def from_arrays(cls, keys: np.ndarray, vnorm: np.ndarray, pos: np.ndarray, **kw) -> "ScoreInputs":
@@ -50,8 +67,7 @@ class ScoreInputs:
         header = np.zeros(12, dtype=np.uint8)
         k = [LayerTensor(0, header, np.ascontiguousarray(keys[:, i], dtype=np.float32).reshape(n, -1).view(np.uint8),
                          False) for i in range(n_layer)]
-        state = SeqState(np.zeros(0, np.uint8), np.asarray(pos, dtype=np.int32), np.zeros((n, 3), np.int32),
-                         False, k, [])
+        state = SeqState.from_layers(pos, k, [])
         inputs = cls(state=state, n_head_kv=n_head_kv, head_dim=head_dim, **kw)
         inputs.__dict__["vnorm"] = np.asarray(vnorm, dtype=np.float32)  # the cached property's value
         return inputs
@@ -113,7 +129,8 @@ class ScoreInputs:
         if len(self.window_pos) == 0:
             raise LlamaKVError("no recent queries were captured (prefill with capture enabled)")
         q = self.window_q[layer] if self.window_slots is None else self.window_q[layer][self.window_slots]
-        return self.rope(layer).rotate(q, self.window_pos).astype(np.float32)
+        rope = self.rope(layer)
+        return (q if rope is None else rope.rotate(q, self.window_pos)).astype(np.float32)
 
 
 class Press(Protocol):
@@ -164,27 +181,31 @@ class ExpectedAttention:
         μᵀk̄ = k_a (Aμ_a - Bμ_b) + k_b (Bμ_a + Aμ_b) and, with a diagonal variance σ,
         σ_a k̄_a² + σ_b k̄_b² = k_a²(σ_a A² + σ_b B²) + k_b²(σ_a B² + σ_b A²) + 2AB(σ_a - σ_b) k_a k_b."""
         d = inputs.head_dim
-        ropes = [inputs.rope(layer) for layer in range(inputs.n_layer)]
-        a, b = ropes[0].pair_dims()
-        if any(not (np.array_equal(a, r.pair_dims()[0]) and np.array_equal(b, r.pair_dims()[1])) for r in ropes):
+        ropes = [inputs.rope(layer) for layer in range(inputs.n_layer)]  # None: a layer without rope
+        rotary = [r for r in ropes if r is not None]
+        a, b = rotary[0].pair_dims() if rotary else (np.zeros(0, int), np.zeros(0, int))
+        if any(not (np.array_equal(a, r.pair_dims()[0]) and np.array_equal(b, r.pair_dims()[1])) for r in rotary):
             raise LlamaKVError("the rotated dimensions differ between layers; llamakv does not support that")
-        rotations = {}
-        for r in set(ropes):
+        rotations = {None: (np.ones(len(a)), np.zeros(len(a)))}  # no rope: R̄ = I
+        for r in set(rotary):
             rotations[r] = r.mean_rotation(inputs.next_pos, self.horizon(inputs))
         A = np.stack([rotations[r][0] for r in ropes])[:, None, :]  # [n_layer, 1, P]
         B = np.stack([rotations[r][1] for r in ropes])[:, None, :]
+        # log E[exp(s x)] = s m + s² v / 2 for x = qᵀk ~ N(m, v), s the layer's logit scale
+        s = np.array([inputs.scale(layer) for layer in range(inputs.n_layer)])[:, None, None]
         mu = inputs.stats.mean
-        w = mu / math.sqrt(d)
-        w[..., a] = (A * mu[..., a] - B * mu[..., b]) / math.sqrt(d)
-        w[..., b] = (B * mu[..., a] + A * mu[..., b]) / math.sqrt(d)
+        w = mu * s
+        w[..., a] = (A * mu[..., a] - B * mu[..., b]) * s
+        w[..., b] = (B * mu[..., a] + A * mu[..., b]) * s
         dq = np.zeros_like(w)
         c = np.zeros(w.shape[:2] + (len(a),))
         if self.use_covariance and not self.full_covariance:
             var = inputs.stats.variance()
-            dq = var / (2 * d)
-            dq[..., a] = (var[..., a] * A**2 + var[..., b] * B**2) / (2 * d)
-            dq[..., b] = (var[..., a] * B**2 + var[..., b] * A**2) / (2 * d)
-            c = 2 * A * B * (var[..., a] - var[..., b]) / (2 * d)
+            half = s * s / 2
+            dq = var * half
+            dq[..., a] = (var[..., a] * A**2 + var[..., b] * B**2) * half
+            dq[..., b] = (var[..., a] * B**2 + var[..., b] * A**2) * half
+            c = 2 * A * B * (var[..., a] - var[..., b]) * half
         # pair-major order for the kernel: the dims of pair p at p and P + p, then the unrotated ones
         perm = np.concatenate([a, b, np.setdiff1d(np.arange(d), np.concatenate([a, b]))])
         m = np.concatenate([w[..., perm], dq[..., perm], c], axis=-1)
@@ -217,13 +238,19 @@ class ExpectedAttention:
             if err:
                 raise LlamaKVError(f"cannot score keys of ggml type {lt.type}")
         if self.use_covariance and self.full_covariance:
-            d = inputs.head_dim
             group = inputs.n_head // inputs.n_head_kv
             keys = inputs.layer_keys(layer)
-            k_bar = inputs.rope(layer).unrotate_mean(keys, inputs.next_pos, self.horizon(inputs))
+            rope = inputs.rope(layer)
+            k_bar = keys if rope is None else rope.unrotate_mean(keys, inputs.next_pos, self.horizon(inputs))
             k_bar = np.repeat(k_bar, group, axis=1).transpose(1, 0, 2)  # [n_head, n, d]
             cov = inputs.stats.covariance()[layer].astype(np.float32)  # [n_head, d, d]
-            z += np.einsum("hnd,hde,hne->hn", k_bar, cov, k_bar, optimize=True) / (2 * d)
+            z += np.einsum("hnd,hde,hne->hn", k_bar, cov, k_bar, optimize=True) * (inputs.scale(layer) ** 2 / 2)
+        cap = inputs.cap(layer)
+        if cap > 0:
+            # a soft-capped logit c tanh(x / c) (Gemma 2) has no closed-form expectation of its exp:
+            # the cap is applied to the uncapped closed form, exact where the query's spread
+            # is small next to c (typical logits are far below Gemma 2's c = 50)
+            np.multiply(np.tanh(z / cap), cap, out=z)
         return z
 
     def score(self, inputs: ScoreInputs, keydiff_sums: np.ndarray | None = None, anchor_sample: int = 0) -> np.ndarray:
@@ -255,9 +282,11 @@ class ExpectedAttention:
                 vl = inputs.layer_vnorm(layer, _shim.scratch("vnorm", (n, inputs.n_head_kv)))
                 vl = vl if vl.strides[1] == vl.itemsize else np.ascontiguousarray(vl)
                 v, stride = ffi.cast("float *", vl.ctypes.data), vl.strides[0] // vl.itemsize
+            sinks = inputs.sinks(layer)
             if lib.llamakv_ea_attention(_shim.ptr("float *", z), n, inputs.n_head, inputs.n_head_kv,
-                                        _shim.ptr("uint8_t *", scored), v, stride, self.epsilon,
-                                        _shim.ptr("float *", out[layer])):
+                                        _shim.ptr("uint8_t *", scored),
+                                        ffi.NULL if sinks is None else _shim.ptr("float *", sinks),
+                                        v, stride, self.epsilon, _shim.ptr("float *", out[layer])):
                 raise LlamaKVError("out of memory while scoring")
 
         _shim.parallel_map(score_layer, range(inputs.n_layer))
@@ -434,7 +463,7 @@ def _window_attention(inputs: ScoreInputs, layer: int, last: int | None = None) 
         q, qpos = q[-last:], qpos[-last:]
     n_q, d, n = len(qpos), inputs.head_dim, inputs.n_cells
     group = inputs.n_head // inputs.n_head_kv
-    rows = (q / np.float32(math.sqrt(d))).reshape(n_q, inputs.n_head_kv, group, d).transpose(1, 2, 0, 3)
+    rows = (q * np.float32(inputs.scale(layer))).reshape(n_q, inputs.n_head_kv, group, d).transpose(1, 2, 0, 3)
     rows = np.ascontiguousarray(rows, dtype=np.float32)  # each KV head's query rows together
     qpos = np.ascontiguousarray(qpos, dtype=np.int64)
     cell_pos = np.ascontiguousarray(inputs.pos, dtype=np.int64)

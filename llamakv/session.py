@@ -22,17 +22,16 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals
 
-from .cache import SeqState, SequenceCache, position_runs
+from .architectures import CacheLayout, spec_for, supported
+from .cache import LayerTensor, SeqState, SequenceCache, position_runs
 from . import _shim
 from ._shim import HostBuffer
-from .capture import Capture
+from .capture import AttentionLayout, Capture
 from .errors import CacheFullError, LlamaKVError, ModelError, StateError, UnsupportedModelError
 from .models import check_gguf, load_llama, resolve_model
+from .rope import hadamard
 from .scoring import ExpectedAttention, ExpectedAttentionKeyDiff, Press, QuestionAware, ScoreInputs, aggregate
 
-# architectures whose pre-RoPE query is `Qcur-N` (RESHAPE, or VIEW with fused QKV) and whose
-# attention scale is 1/sqrt(head_dim); value: the query tensor is the QK-normed one
-SUPPORTED_ARCHITECTURES = {"llama": False, "qwen2": False}
 STATE_MAGIC = "llamakv-state"
 STATE_VERSION = 2
 
@@ -70,6 +69,7 @@ class CompressionReport:
     compaction_s: float
     n_kv_before: int
     question_tokens: int = 0  # a question decoded for the scoring only, then removed (not in the cells above)
+    sliding_cells: int = 0    # cells of the sliding-window cache (iSWA models), kept as they are
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -79,7 +79,8 @@ class CompressionReport:
         return "\n".join([
             f"method        {self.method} (aggregation: {self.aggregation}), ratio {self.ratio:g}"
             + (f", guided by a {self.question_tokens}-token question" if self.question_tokens else ""),
-            f"cells         {self.cells_before} -> {self.cells_after} ({self.evicted} evicted in {self.runs} runs)",
+            f"cells         {self.cells_before} -> {self.cells_after} ({self.evicted} evicted in {self.runs} runs)"
+            + (f"; sliding-window cache: {self.sliding_cells} cells, kept" if self.sliding_cells else ""),
             f"KV bytes      {mib(self.kv_bytes_before):.2f} MiB -> {mib(self.kv_bytes_after):.2f} MiB",
             f"time          capture {self.capture_s * 1e3:.1f} ms, state read {self.state_read_s * 1e3:.1f} ms, "
             f"scoring {self.scoring_s * 1e3:.1f} ms, eviction {self.eviction_s * 1e3:.1f} ms, "
@@ -96,6 +97,18 @@ def _meta(model, key: str) -> str | None:
     buf = ctypes.create_string_buffer(256)
     n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
     return buf.value.decode() if n >= 0 else None
+
+
+def _gguf_field(path: str, key: str):
+    """A metadata value of the GGUF file (arrays as lists; llama.cpp's API gives only scalars
+    as text), None if absent or unreadable."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(path).get_field(key)
+    except (OSError, ValueError):
+        return None
+    return None if field is None else field.contents()
 
 
 class _CallbackSwitch:
@@ -140,16 +153,17 @@ class KVSession:
         self.llama = llama
         model = llama._model.model
         self.architecture = _meta(model, "general.architecture") or "?"
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise UnsupportedModelError(
-                f"architecture {self.architecture!r} is not supported yet "
-                f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
+        self.spec = spec_for(self.architecture, recurrent=bool(llama_cpp.llama_model_is_recurrent(model)),
+                             hybrid=bool(llama_cpp.llama_model_is_hybrid(model)))
         self.n_layer = llama_cpp.llama_model_n_layer(model)
         self.n_head = llama_cpp.llama_model_n_head(model)
         self.n_head_kv = llama_cpp.llama_model_n_head_kv(model)
         key_len = _meta(model, f"{self.architecture}.attention.key_length")
         self.head_dim = int(key_len) if key_len else llama_cpp.llama_model_n_embd(model) // self.n_head
         self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
+        n_swa = int(llama_cpp.llama_model_n_swa(model))
+        pattern = _gguf_field(llama.model_path, f"{self.architecture}.attention.sliding_window_pattern") if n_swa else None
+        self.cache_layout = CacheLayout(tuple(self.spec.sliding_layers(self.n_layer, n_swa, pattern)), n_swa)
         self.n_sink = n_sink
         self.press = press or ExpectedAttentionKeyDiff(expected_attention=ExpectedAttention(full_covariance=full_covariance))
         self.aggregation = aggregation
@@ -158,8 +172,7 @@ class KVSession:
         self.n_ubatch = int(params.n_ubatch)
         self.capture = Capture(
             n_layer=self.n_layer, n_head=self.n_head, head_dim=self.head_dim, n_ubatch=self.n_ubatch,
-            q_normed=SUPPORTED_ARCHITECTURES[self.architecture], n_sink=n_sink,
-            full_covariance=full_covariance, window=window)
+            n_sink=n_sink, full_covariance=full_covariance, window=window)
         # queries of the last `stats_window` tokens of each prefill call (None: all) enter the
         # statistics; when they are more than `stats_sample`, only those of about that many tokens:
         # whole ubatches spread evenly over them, the last one included. On a GPU every ubatch
@@ -188,6 +201,47 @@ class KVSession:
         self._capture_mark = 0.0  # capture time already reported
         self.last_report: CompressionReport | None = None
         self._state_in, self._state_out = HostBuffer(), HostBuffer()  # reused by compress()
+        self.layout = self._learn_layout()
+
+    def _learn_layout(self) -> AttentionLayout:
+        """Decode one token with the callback only looking, to learn where each layer's pre-RoPE
+        query is and how its logit is formed (capture.AttentionLayout); the token is removed
+        again. Refuses a model whose scored layers llamakv cannot read."""
+        bos = int(llama_cpp.llama_vocab_bos(self.vocab))
+        b = self._batch
+        b.token[0], b.pos[0], b.n_seq_id[0], b.seq_id[0][0], b.logits[0] = max(bos, 0), 0, 1, self.cache.seq_id, 1
+        b.n_tokens = 1
+        self.capture.begin_learning()
+        self._switch.set(True)
+        try:
+            rc = llama_cpp.llama_decode(self.ctx, b)
+        finally:
+            self.cache.clear()
+        if rc != 0:
+            self.capture.end_learning()
+            raise LlamaKVError(f"llama_decode failed with code {rc} on a single token")
+        layout = self.capture.end_learning()
+        scored = self.scored_layers
+        missing = [i for i in scored if layout.layers[i] is None]
+        if missing:
+            raise UnsupportedModelError(f"{self.architecture}: no attention node was found for layers {missing}")
+        for i in scored:
+            a = layout.layers[i]
+            if (a.head_dim, a.n_head) != (self.head_dim, self.n_head):
+                raise UnsupportedModelError(
+                    f"{self.architecture}: layer {i}'s query has {a.n_head} heads of {a.head_dim}, "
+                    f"not the model's {self.n_head} of {self.head_dim}")
+            if a.max_bias != 0:
+                raise UnsupportedModelError(f"{self.architecture}: ALiBi position biases are not supported")
+        self.capture.layer_on[:] = 0
+        self.capture.layer_on[list(scored)] = 1
+        return layout
+
+    @property
+    def scored_layers(self) -> tuple[int, ...]:
+        """The layers whose cache is compressed: all of them, or the global (full-attention)
+        layers of a sliding-window model (the sliding cache keeps its window)."""
+        return self.cache_layout.global_layers
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -197,7 +251,7 @@ class KVSession:
                    seed: int = 0, verbose: bool = False, **session_kwargs) -> "KVSession":
         """Load a GGUF (path or registry name, see models.toml) and wrap it."""
         path = resolve_model(model)
-        check_gguf(path, SUPPORTED_ARCHITECTURES)
+        spec_for(check_gguf(path))  # refuses before llama.cpp loads anything
         kwargs = dict(n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
                       n_batch=n_batch, n_ubatch=n_batch, flash_attn=flash_attn, seed=seed,
                       verbose=verbose)
@@ -479,19 +533,51 @@ class KVSession:
         """What presses score: the cells as llama.cpp holds them (the sequence state, read now
         unless given), the query statistics, the recent queries and the model's rope."""
         raw = self.cache.get_state() if state is None else state
+        layers = self.scored_layers
         try:
-            parsed = SeqState.parse(raw)
+            parsed = SeqState.parse(raw, 2 if self.cache_layout.iswa else 1)
         except ValueError as e:
             raise LlamaKVError(f"llamakv cannot read this cache's state layout: {e}") from e
+        if parsed.n_cells and len(parsed.k) != len(layers):
+            raise LlamaKVError(f"the state's first cache holds {len(parsed.k)} layers, llamakv expected the "
+                               f"{len(layers)} {'global ' if self.cache_layout.iswa else ''}layers")
+        self._unrotate_keys(parsed, layers)
         # the capture's ring of recent queries itself, not a copy (33 MB for an 8B model): read
         # before the next decode call overwrites it
         slots = self.capture.recent_slots()
         rows = np.searchsorted(self._pos_buf[:self.n_cells], parsed.pos)  # each cell's row in _pos_buf
-        return ScoreInputs(state=parsed, stats=self.capture.stats, rope=self.capture.rope,
+        attn = [self.layout.layers[i] for i in layers]
+        sinks = np.full((len(layers), self.n_head), np.nan, dtype=np.float32)
+        for j, a in enumerate(attn):
+            if a.sinks is not None:
+                sinks[j] = a.sinks
+        every = len(layers) == self.n_layer
+        return ScoreInputs(state=parsed, stats=self.capture.stats if every else self.capture.stats.subset(layers),
+                           rope=lambda j: self.capture.rope(layers[j]),
                            next_pos=self.next_pos, n_head=self.n_head, n_head_kv=self.n_head_kv,
-                           head_dim=self.head_dim, n_sink=self.n_sink, window_q=self.capture.window,
+                           head_dim=self.head_dim, n_sink=self.n_sink,
+                           window_q=self.capture.window if every else self.capture.window[list(layers)],
                            window_pos=self.capture.window_pos[slots].copy(), window_slots=slots,
-                           n_future=n_future, surprisal=self._surprisal[rows], sentence_end=self._sentence_end[rows])
+                           n_future=n_future, surprisal=self._surprisal[rows], sentence_end=self._sentence_end[rows],
+                           logit_scale=np.array([a.scale for a in attn]), softcap=np.array([a.softcap for a in attn]),
+                           sink_logits=sinks if not np.isnan(sinks).all() else None)
+
+    def _unrotate_keys(self, parsed: SeqState, layers: Sequence[int]) -> None:
+        """With a quantized K cache llama.cpp stores H k for an orthonormal Hadamard matrix H
+        (q is rotated alike, so q.k is unchanged); the closed form needs k itself: those layers'
+        keys are replaced by float32 rows of H (H k) = k."""
+        for j, il in enumerate(layers):
+            n = self.layout.layers[il].k_rot
+            if not n or not parsed.n_cells:
+                continue
+            lt = parsed.k[j]
+            per_row = self.n_head_kv * self.head_dim
+            keys = np.empty((parsed.n_cells, per_row), dtype=np.float32)
+            if _shim.load().lib.llamakv_rows_to_float(_shim.ptr("uint8_t *", lt.data), lt.type, lt.row_bytes,
+                                                      parsed.n_cells, per_row, _shim.ptr("float *", keys)):
+                raise LlamaKVError(f"cannot read keys of ggml type {lt.type}")
+            keys = (keys.reshape(-1, n) @ hadamard(n).astype(np.float32)).reshape(parsed.n_cells, per_row)
+            parsed.k[j] = LayerTensor(0, lt.header, keys.view(np.uint8), False)
 
     def compress(self, ratio: float, *, press: Press | None = None, aggregation: str | None = None,
                  compact: bool = True, protect_recent: int = 1, n_future: int = 0,
@@ -539,7 +625,9 @@ class KVSession:
 
         evicted = pos[evict_rows]
         runs = len(position_runs(evicted))
-        compacted = compact and n_evict > 0
+        # a sliding-window model's cells leave the global cache only: its state is edited (seq_rm
+        # would free the sliding cache's cells of those positions too)
+        compacted = (compact or self.cache_layout.iswa) and n_evict > 0
         if compacted:
             keep = np.ones(len(pos), dtype=bool)
             keep[evict_rows] = False
@@ -562,7 +650,8 @@ class KVSession:
             kv_bytes_before=len(raw), kv_bytes_after=self.cache.state_size(),
             protected_cells=int(protected.sum()), compacted=compacted,
             capture_s=self.capture.capture_seconds - self._capture_mark, state_read_s=t1 - t0,
-            scoring_s=t2 - t1, eviction_s=t3 - t2, compaction_s=t4 - t3, n_kv_before=n_kv_before)
+            scoring_s=t2 - t1, eviction_s=t3 - t2, compaction_s=t4 - t3, n_kv_before=n_kv_before,
+            sliding_cells=sum(sec.n_cells for sec in inputs.state.sections[1:]))
         self._capture_mark = self.capture.capture_seconds
         self.reports.append(self.last_report)
         return self.last_report

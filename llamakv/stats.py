@@ -17,6 +17,14 @@ class QueryStats:
         self.m2 = np.zeros((n_layer, n_head, head_dim))
         self.cov = np.zeros((n_layer, n_head, head_dim, head_dim)) if full_covariance else None
 
+    def subset(self, layers) -> "QueryStats":
+        """The statistics of these layers only (copies), in that order."""
+        layers = list(layers)
+        out = QueryStats.__new__(QueryStats)
+        out.count, out.mean, out.m2 = self.count[layers], self.mean[layers], self.m2[layers]
+        out.cov = None if self.cov is None else self.cov[layers]
+        return out
+
     def reset(self) -> None:
         for a in self.arrays().values():
             a[:] = 0

@@ -157,7 +157,7 @@ def _rows(stdout: str) -> dict[str, list[str]]:
 
 
 def test_models_list_marks_compression_support():
-    from llamakv.session import SUPPORTED_ARCHITECTURES
+    from llamakv.architectures import supported
 
     r = run_cli("models", "list")
     assert r.returncode == 0, r.stderr
@@ -166,7 +166,7 @@ def test_models_list_marks_compression_support():
     assert set(rows) == set(entries)
     for name, (arch, _size, _unit, compress, status, *_path) in rows.items():
         assert arch == entries[name].architecture
-        assert compress == ("yes" if arch in SUPPORTED_ARCHITECTURES else "no")
+        assert compress == ("yes" if arch in supported() else "no")
     assert rows["gemma-3-270m"][3] == "no"  # iSWA: not supported yet
     assert rows["smollm2-135m-instruct"][4] == "installed"
     assert run_cli("models").stdout == r.stdout  # bare `models` lists
