@@ -31,8 +31,17 @@ class ArchSpec:
                                # n layers the last is global, or the first with dense_first
     dense_first: bool = False
     swa_array_only: bool = False  # the pattern comes only from the GGUF's per-layer array
+    shares_kv: bool = False    # `<arch>.attention.shared_kv_layers`: the last layers read earlier layers' cells
     tested: bool = True        # a random-weight model in its layout is in the test matrix
     reason: str = ""           # why it is refused
+
+    def kv_sources(self, sliding: list[bool], n_shared: int) -> list[int]:
+        """The layer whose cells each layer attends to: itself, or for the last `n_shared`
+        layers of a model that shares KV (Gemma 3n, Gemma 4) the last earlier layer of the same
+        kind, as llama.cpp's layer_reuse_cb does (llama_model::create_memory)."""
+        n_layer = len(sliding)
+        start = n_layer - n_shared if self.shares_kv and n_shared > 0 else n_layer
+        return [il if il < start else start - (2 if sliding[il] else 1) for il in range(n_layer)]
 
     def sliding_layers(self, n_layer: int, n_swa: int, pattern_key=None) -> list[bool]:
         """Which layers attend through the sliding-window cache, as llama.cpp decides
@@ -72,14 +81,15 @@ SPECS: dict[str, ArchSpec] = {s.name: s for s in [
     _ok("qwen3moe", "as qwen3, with mixture-of-experts FFN"),
     _ok("mistral3", "llama-like attention (optional YaRN and temperature tuning)"),
     _ok("phi3", "fused QKV projection (the query is a strided view), NEOX rope; llama.cpp disables its window"),
-    _ok("olmo2", "RMS norm over the whole q and k projections before RoPE"),
+    _ok("olmo2", "RMS norm over the whole q and k projections before RoPE; with a window (OLMo 3), "
+        "3 of every 4 layers slide", swa_pattern=4),
     _ok("granite", "attention multiplier as the logit scale"),
     _ok("gemma2", "logit soft-capping (tanh), q scaled before RoPE; sliding window on every other layer",
         swa_pattern=2),
     _ok("gemma3", "QK norm, q scaled after RoPE (f_attention_scale), sliding layers with their own RoPE "
         "base; 5 of every 6 layers slide", swa_pattern=6),
     _ok("gemma4", "sliding and global layers of different head sizes, shared KV layers; only the global "
-        "layers are compressed", swa_array_only=True),
+        "layers are compressed", swa_array_only=True, shares_kv=True),
     _ok("gpt-oss", "learned attention sinks in the softmax; sliding window on every other layer",
         swa_pattern=2),
     _ok("smollm3", "no RoPE on every fourth layer (NoPE layers: the query is used as it is)"),
@@ -125,15 +135,30 @@ def supported() -> list[str]:
 @dataclass(frozen=True)
 class CacheLayout:
     """Which model layers are in which cache of a sequence state, in state order: the global
-    (full-attention) cache first, then the sliding-window one if the model has one."""
+    (full-attention) cache first, then the sliding-window one if the model has one. A layer that
+    reads another layer's cells (shared KV) has none of its own in the state."""
     sliding: tuple[bool, ...]                     # per model layer
     window: int = 0                               # n_swa
+    kv_source: tuple[int, ...] = ()               # per model layer (default: itself)
     global_layers: tuple[int, ...] = field(init=False)
     sliding_layers: tuple[int, ...] = field(init=False)
 
     def __post_init__(self):
+        if not self.kv_source:
+            object.__setattr__(self, "kv_source", tuple(range(len(self.sliding))))
         object.__setattr__(self, "global_layers", tuple(i for i, s in enumerate(self.sliding) if not s))
         object.__setattr__(self, "sliding_layers", tuple(i for i, s in enumerate(self.sliding) if s))
+
+    @property
+    def global_cache_layers(self) -> tuple[int, ...]:
+        """The layers of the global cache's section, in order."""
+        return tuple(i for i in self.global_layers if self.kv_source[i] == i)
+
+    def rows_of(self, layers) -> list[int]:
+        """For each of these global layers, the index in the global cache's section of the layer
+        whose cells it attends to."""
+        rows = {il: j for j, il in enumerate(self.global_cache_layers)}
+        return [rows[self.kv_source[il]] for il in layers]
 
     @property
     def iswa(self) -> bool:

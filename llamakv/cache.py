@@ -170,6 +170,8 @@ class SeqState:
     first section holds the cells llamakv scores and evicts; `pos`, `k`, `v` are its."""
     buf: np.ndarray
     sections: list[CacheSection]
+    layer_rows: tuple[int, ...] | None = None  # k[i], v[i] are the main section's layer layer_rows[i]
+    k_float: dict | None = None  # main-section layer -> its keys as they are scored, where not as stored
 
     @property
     def main(self) -> CacheSection:
@@ -181,11 +183,22 @@ class SeqState:
 
     @property
     def k(self) -> list[LayerTensor]:
-        return self.main.k
+        rows = range(len(self.main.k)) if self.layer_rows is None else self.layer_rows
+        return [(self.k_float or {}).get(i, self.main.k[i]) for i in rows]
 
     @property
     def v(self) -> list[LayerTensor]:
-        return self.main.v
+        return self.main.v if self.layer_rows is None else [self.main.v[i] for i in self.layer_rows]
+
+    def with_layers(self, rows) -> "SeqState":
+        """The same state seen as the main section's layers `rows` (a layer may appear several
+        times: layers that share another's cells), for scoring; keep() still writes every layer."""
+        return SeqState(self.buf, self.sections, tuple(int(r) for r in rows), self.k_float)
+
+    def with_keys(self, row: int, keys: LayerTensor) -> "SeqState":
+        """The same state with the main section's layer `row` scored from other keys (keep()
+        still writes the stored ones)."""
+        return SeqState(self.buf, self.sections, self.layer_rows, {**(self.k_float or {}), row: keys})
 
     @property
     def n_cells(self) -> int:

@@ -163,7 +163,9 @@ class KVSession:
         self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
         n_swa = int(llama_cpp.llama_model_n_swa(model))
         pattern = _gguf_field(llama.model_path, f"{self.architecture}.attention.sliding_window_pattern") if n_swa else None
-        self.cache_layout = CacheLayout(tuple(self.spec.sliding_layers(self.n_layer, n_swa, pattern)), n_swa)
+        sliding = self.spec.sliding_layers(self.n_layer, n_swa, pattern)
+        shared = _gguf_field(llama.model_path, f"{self.architecture}.attention.shared_kv_layers") if self.spec.shares_kv else 0
+        self.cache_layout = CacheLayout(tuple(sliding), n_swa, tuple(self.spec.kv_sources(sliding, int(shared or 0))))
         self.n_sink = n_sink
         self.press = press or ExpectedAttentionKeyDiff(expected_attention=ExpectedAttention(full_covariance=full_covariance))
         self.aggregation = aggregation
@@ -538,10 +540,12 @@ class KVSession:
             parsed = SeqState.parse(raw, 2 if self.cache_layout.iswa else 1)
         except ValueError as e:
             raise LlamaKVError(f"llamakv cannot read this cache's state layout: {e}") from e
-        if parsed.n_cells and len(parsed.k) != len(layers):
+        expected = len(self.cache_layout.global_cache_layers)
+        if parsed.n_cells and len(parsed.k) != expected:
             raise LlamaKVError(f"the state's first cache holds {len(parsed.k)} layers, llamakv expected the "
-                               f"{len(layers)} {'global ' if self.cache_layout.iswa else ''}layers")
-        self._unrotate_keys(parsed, layers)
+                               f"{expected} {'global ' if self.cache_layout.iswa else ''}layers")
+        if parsed.n_cells:
+            parsed = self._unrotate_keys(parsed, layers).with_layers(self.cache_layout.rows_of(layers))
         # the capture's ring of recent queries itself, not a copy (33 MB for an 8B model): read
         # before the next decode call overwrites it
         slots = self.capture.recent_slots()
@@ -562,22 +566,23 @@ class KVSession:
                            logit_scale=np.array([a.scale for a in attn]), softcap=np.array([a.softcap for a in attn]),
                            sink_logits=sinks if not np.isnan(sinks).all() else None)
 
-    def _unrotate_keys(self, parsed: SeqState, layers: Sequence[int]) -> None:
+    def _unrotate_keys(self, parsed: SeqState, layers: Sequence[int]) -> SeqState:
         """With a quantized K cache llama.cpp stores H k for an orthonormal Hadamard matrix H
-        (q is rotated alike, so q.k is unchanged); the closed form needs k itself: those layers'
-        keys are replaced by float32 rows of H (H k) = k."""
-        for j, il in enumerate(layers):
+        (q is rotated alike, so q.k is unchanged); the closed form needs k itself: those layers
+        are scored from float32 rows of H (H k) = k."""
+        for j, il in zip(self.cache_layout.rows_of(layers), layers):
             n = self.layout.layers[il].k_rot
-            if not n or not parsed.n_cells:
+            if not n or (parsed.k_float and j in parsed.k_float):
                 continue
-            lt = parsed.k[j]
+            lt = parsed.main.k[j]
             per_row = self.n_head_kv * self.head_dim
             keys = np.empty((parsed.n_cells, per_row), dtype=np.float32)
             if _shim.load().lib.llamakv_rows_to_float(_shim.ptr("uint8_t *", lt.data), lt.type, lt.row_bytes,
                                                       parsed.n_cells, per_row, _shim.ptr("float *", keys)):
                 raise LlamaKVError(f"cannot read keys of ggml type {lt.type}")
             keys = (keys.reshape(-1, n) @ hadamard(n).astype(np.float32)).reshape(parsed.n_cells, per_row)
-            parsed.k[j] = LayerTensor(0, lt.header, keys.view(np.uint8), False)
+            parsed = parsed.with_keys(j, LayerTensor(0, lt.header, keys.view(np.uint8), False))
+        return parsed
 
     def compress(self, ratio: float, *, press: Press | None = None, aggregation: str | None = None,
                  compact: bool = True, protect_recent: int = 1, n_future: int = 0,
