@@ -24,6 +24,7 @@ def position_runs(positions: np.ndarray) -> list[tuple[int, int]]:
 
 
 STATE_MAGIC = 0xAF143CD8
+PARTIAL_ONLY = 1  # LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY: the sliding-window cache's part of a state
 
 
 def _u8p(a: np.ndarray):
@@ -281,27 +282,31 @@ class SequenceCache:
                 raise RuntimeError(f"llama_memory_seq_rm refused positions [{p0}, {p1})")
         return len(runs)
 
-    def state_size(self) -> int:
-        return llama_cpp.llama_state_seq_get_size(self.ctx, self.seq_id)
+    def state_size(self, partial: bool = False) -> int:
+        return llama_cpp.llama_state_seq_get_size_ext(self.ctx, self.seq_id, PARTIAL_ONLY if partial else 0)
 
-    def get_state(self, into: _shim.HostBuffer | None = None) -> np.ndarray:
+    def get_state(self, into: _shim.HostBuffer | None = None, partial: bool = False) -> np.ndarray:
         """The sequence's state bytes (uint8 array; a view of `into` if given, valid until its
-        next use)."""
-        size = self.state_size()
+        next use). `partial`: only the sliding-window cache's part (iSWA models)."""
+        flags = PARTIAL_ONLY if partial else 0
+        size = self.state_size(partial)
         buf = into.view(size) if into is not None else np.empty(size, dtype=np.uint8)
-        written = llama_cpp.llama_state_seq_get_data(self.ctx, _u8p(buf), size, self.seq_id)
+        written = llama_cpp.llama_state_seq_get_data_ext(self.ctx, _u8p(buf), size, self.seq_id, flags)
         if written != size:
             raise RuntimeError(f"llama_state_seq_get_data wrote {written} of {size} bytes")
         return buf
 
-    def set_state(self, data: np.ndarray, fallback: np.ndarray | None = None) -> None:
+    def set_state(self, data: np.ndarray, fallback: np.ndarray | None = None, partial: bool = False) -> None:
         """Replace the sequence's cells by a saved state (cells placed contiguously from 0);
-        if llama.cpp refuses it, `fallback` is put back before raising."""
-        self.clear()
+        if llama.cpp refuses it, `fallback` is put back before raising. `partial`: a state of
+        get_state(partial=True), which replaces the sliding-window cache's cells only."""
+        if not partial:
+            self.clear()
         data = np.ascontiguousarray(np.frombuffer(data, dtype=np.uint8))
-        if llama_cpp.llama_state_seq_set_data(self.ctx, _u8p(data), len(data), self.seq_id) == 0:
+        flags = PARTIAL_ONLY if partial else 0
+        if llama_cpp.llama_state_seq_set_data_ext(self.ctx, _u8p(data), len(data), self.seq_id, flags) == 0:
             if fallback is not None:
-                self.set_state(fallback)
+                self.set_state(fallback, partial=partial)
             raise StateError("llama.cpp refused the saved sequence state (different model, cache "
                              "types or a context too small for it)")
 

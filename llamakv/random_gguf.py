@@ -319,7 +319,9 @@ def _gemma4_extra(r: _Recipe) -> list[_T]:
 
 _GEMMA4_SWA = (True, True, False, True, False)  # the last two layers share the KV of layers 1 and 2
 
-_GRANITE_SCALES = {"attention.scale": 1 / 32, "embedding_scale": 12.0, "residual_scale": 0.22, "logit_scale": 8.0}
+# muP-style multipliers, the attention scale 1/head_dim rather than 1/sqrt(head_dim)
+_GRANITE_SCALES = {"attention.scale": 1 / 32, "embedding_scale": 12.0, "residual_scale": 0.22,
+                   "logit_scale": 8.0}
 _LLAMA_TINY = dict(zip(("n_layer", "n_embd", "n_head", "n_head_kv", "n_ff", "head_dim"), SHAPES["tiny"]))
 
 RECIPES: dict[str, _Recipe] = {
@@ -435,129 +437,121 @@ def _neox(f: dict, r: _Recipe) -> dict:
     return {"rope_type": "neox"}
 
 
-def _gemma_scale(f: dict, r: _Recipe) -> dict:
+def _facts_gemma(f: dict, r: _Recipe) -> dict:
     # models/gemma2.cpp, gemma3.cpp: f_attention_scale = 1/sqrt(key_length) (1/sqrt(n_embd/n_head)
-    # for the 27B only), multiplied into Q before build_attn, which then gets kq_scale 1
-    return {"attn_scale_on_q": True, "embd_multiplier": math.sqrt(r.n_embd)}
+    # for the 27B only), multiplied into Q before build_attn, which then gets kq_scale 1; embeddings
+    # multiplied by sqrt(n_embd)
+    out = {**_neox(f, r), "attn_scale_on_q": True, "embd_multiplier": math.sqrt(r.n_embd)}
+    if "attn_logit_softcapping" in r.keys:
+        out.update(attn_softcap=r.keys["attn_logit_softcapping"],
+                   final_softcap=r.keys["final_logit_softcapping"])
+    if "rope.freq_base_swa" in r.keys:  # else models/gemma2.cpp copies rope.freq_base
+        out["rope_base_swa"] = r.keys["rope.freq_base_swa"]
+    return out
 
 
-def _facts_gemma2(f, r):
-    # models/gemma2.cpp: sliding layers use rope.freq_base_swa, which defaults to rope.freq_base
-    return {**_neox(f, r), **_gemma_scale(f, r), "attn_softcap": 50.0, "final_softcap": 30.0,
-            "notes": ("GELU FFN; four norms per layer (pre and post attention, pre and post FFN)",
-                      "attention logits: softcap 50 = 50 tanh(x/50) after the scale; final logits 30",
-                      "no pattern key: models/gemma2.cpp's default pattern 2 (layer 0 slides, 1 is global)")}
-
-
-def _facts_gemma3(f, r):
-    return {**_neox(f, r), **_gemma_scale(f, r), "rope_base_swa": r.keys["rope.freq_base_swa"],
-            "notes": ("pattern 6 from models/gemma3.cpp's default (no pattern key): layer 5 global",
-                      "no final softcap unless the key is written (models/gemma3.cpp sets 0)")}
-
-
-def _facts_gemma4(f, r):
+def _facts_gemma4(f: dict, r: _Recipe) -> dict:
     n = r.n_layer
-    shared = r.keys["attention.shared_kv_layers"]
-    first_shared = n - shared
-    # src/llama-model.cpp (create_memory, gemma4 reuse): a shared layer reads the last own-KV layer
-    # of its kind: first_shared - 2 if sliding, first_shared - 1 if global
+    first_shared = n - r.keys["attention.shared_kv_layers"]
+    # src/llama-model.cpp (create_memory, gemma4's reuse): a shared layer reads the last layer of its
+    # kind that owns KV: first_shared - 2 if sliding, first_shared - 1 if global
     src = tuple(i if i < first_shared else first_shared - (2 if r.swa_layers[i] else 1) for i in range(n))
-    head_dim = tuple(r.head_dim if s else _GEMMA4_HEAD_DIM_FULL for s in r.swa_layers)
-    return {**_neox(f, r), "head_dim": head_dim,
+    return {**_neox(f, r), "head_dim": tuple(r.head_dim if s else _GEMMA4_HEAD_DIM_FULL for s in r.swa_layers),
             "n_head_kv": tuple(r.keys["attention.head_count_kv"]),
             "n_rot": tuple(r.keys["rope.dimension_count_swa"] if s else r.rot for s in r.swa_layers),
             "rope_base_swa": r.keys["rope.freq_base_swa"], "kv_source": src,
-            "attn_scale": 1.0,  # models/gemma4.cpp: f_attention_scale = 1 (Q and K are normed)
+            "attn_scale": 1.0,  # models/gemma4.cpp: f_attention_scale = 1 (Q and K are RMS-normed)
             "embd_multiplier": math.sqrt(r.n_embd), "final_softcap": r.keys["final_logit_softcapping"],
-            "rope_freqs": _GEMMA4_ROPE_FREQS,
-            "notes": ("sliding layers: heads of 32, 2 KV heads; global layers: heads of 64, 1 KV head",
-                      "global layers: RoPE over all 64 dims with rope_freqs divisors: only the first "
-                      "8 pairs (16 dims) rotate (proportional RoPE)",
-                      "V is RMS-normed without weight; Q and K normed per head before RoPE",
-                      f"layers {first_shared}.. have no K/V weights and read layer kv_source's cache")}
+            "rope_freqs": _GEMMA4_ROPE_FREQS}
 
 
-def _facts_gpt_oss(f, r):
-    # models/openai-moe.cpp: pattern 2 (even layers slide); swa base defaults to the global base;
-    # kq_scale 1/sqrt(n_rot); sinks added to the softmax as one extra logit per head
-    return {**_neox(f, r), "notes": ("expert FFN: SwiGLU-OAI with biases; softmax-weight gating",
-                                     "the pre-FFN norm is post_attention_norm; output tensor required")}
-
-
-def _facts_olmo2(f, r):
-    # models/olmo2.cpp: sliding layers are roped with the global freq_base (freq_base_swa unused)
-    return {**_neox(f, r), "notes": ("post-norm only: no attn_norm/ffn_norm; Q/K RMS-normed over the "
-                                     "whole projection before RoPE",)}
-
-
-def _facts_granite(f, r):
+def _facts_granite(f: dict, r: _Recipe) -> dict:
+    # models/granite.cpp: kq_scale = attention.scale; embeddings * embedding_scale (src/llama-graph.cpp,
+    # build_inp_embd); attention and FFN outputs * residual_scale; logits / logit_scale
     k = r.keys
-    # models/granite.cpp: kq_scale = attention.scale; embeddings * embedding_scale (src/llama-graph.cpp),
-    # attention and FFN outputs * residual_scale, logits / logit_scale
     return {"attn_scale": k["attention.scale"], "embd_multiplier": k["embedding_scale"],
-            "residual_multiplier": k["residual_scale"], "logit_multiplier": 1 / k["logit_scale"],
-            "notes": ("logits are divided by logit_scale (cohere2 multiplies by it)",)}
+            "residual_multiplier": k["residual_scale"], "logit_multiplier": 1 / k["logit_scale"]}
 
 
-def _facts_smollm3(f, r):
-    # models/smollm3.cpp: n_no_rope_layer_step = 4, no RoPE where (il + 1) % 4 == 0
+def _nope_every_4th(f: dict, r: _Recipe) -> dict:
+    # models/smollm3.cpp, llama4.cpp: n_no_rope_layer_step = 4, no RoPE where (il + 1) % 4 == 0
     return {"nope_layers": tuple((i + 1) % 4 == 0 for i in range(r.n_layer))}
 
 
-def _facts_glm4(f, r):
-    return {"notes": ("partial RoPE: 16 of 32 dims (normal, consecutive pairs) ; fused ffn_up [2 n_ff]",
-                      "four norms per layer")}
+def _facts_phi(f: dict, r: _Recipe) -> dict:
+    # models/phi2.cpp, phi3.cpp: Q *= 1/sqrt(head_dim) before build_attn (kq_scale 1)
+    return {**_neox(f, r), "attn_scale_on_q": True}
 
 
-def _facts_phi(f, r):
-    # models/phi2.cpp / phi3.cpp: Q *= 1/sqrt(head_dim) before build_attn (kq_scale 1)
-    notes = {"phi2": ("LayerNorm with bias, parallel attention and FFN (one norm); partial RoPE 16/32",
-                      "GELU FFN with biases, output bias"),
-             "phi3": ("fused attn_qkv and fused ffn_up [2 n_ff] (SwiGLU)",)}
-    return {**_neox(f, r), "attn_scale_on_q": True, "notes": notes["phi2" if r.norm == "layer" else "phi3"]}
-
-
-def _facts_stablelm(f, r):
-    return {**_neox(f, r), "notes": ("LayerNorm with bias; partial RoPE: 8 of 32 dims",)}
-
-
-def _facts_cohere2(f, r):
+def _facts_cohere2(f: dict, r: _Recipe) -> dict:
     # models/cohere2.cpp: RoPE (with the global freq_base) on sliding layers only; logits * logit_scale
-    swa = f["swa_layers"]
-    return {"nope_layers": tuple(not s for s in swa), "logit_multiplier": r.keys["logit_scale"],
-            "notes": ("LayerNorm without bias, parallel attention and FFN; tied output",)}
+    return {"nope_layers": tuple(not s for s in f["swa_layers"]), "logit_multiplier": r.keys["logit_scale"]}
 
 
-def _facts_exaone4(f, r):
-    # models/exaone4.cpp: sliding window only for 64 layers (the 32B); this file has none
-    return {**_neox(f, r), "notes": ("post-norm only; QK norm per head; SWA only exists at 64 layers",)}
+def _facts_llama4(f: dict, r: _Recipe) -> dict:
+    # models/llama4.cpp: chunked attention of 8192 whatever the sliding_window key says (it only
+    # switches it off when 0), pattern 4; L2 norm of Q and K after RoPE, on RoPE layers only
+    return {**_nope_every_4th(f, r), "swa_type": "chunked", "n_swa": 8192, "qk_norm": "l2"}
 
 
-def _facts_starcoder2(f, r):
-    return {**_neox(f, r), "notes": ("LayerNorm with bias; GELU FFN with biases; q/k/v/o biases",)}
-
-
-def _facts_llama4(f, r):
-    # models/llama4.cpp: chunked attention of 8192 (the sliding_window key only switches it off when 0),
-    # pattern 4, no RoPE where (il + 1) % 4 == 0, L2 norm of Q/K after RoPE on RoPE layers, attention
-    # temperature scaling of Q on NoPE layers (x1 before position 8191)
-    return {"swa_type": "chunked", "n_swa": 8192, "qk_norm": "l2",
-            "nope_layers": tuple((i + 1) % 4 == 0 for i in range(r.n_layer)),
-            "notes": ("MoE on odd layers (interleave step 2): top-1 sigmoid routing plus a shared expert",
-                      "chunked window: a token attends within its own 8192-token chunk")}
-
-
-def _facts_hunyuan(f, r):
-    return {**_neox(f, r), "qk_norm": "head_after_rope"}
+def _facts_hunyuan(f: dict, r: _Recipe) -> dict:
+    return {**_neox(f, r), "qk_norm": "head_after_rope"}  # models/hunyuan-vl.cpp (the dense graph)
 
 
 _FACTS: dict[str, Callable[[dict, _Recipe], dict]] = {
-    "qwen2": _neox, "qwen3": _neox, "qwen3moe": _neox, "gemma2": _facts_gemma2, "gemma3": _facts_gemma3,
-    "gemma4": _facts_gemma4, "phi3": _facts_phi, "phi2": _facts_phi, "gpt-oss": _facts_gpt_oss,
-    "olmo2": _facts_olmo2, "granite": _facts_granite, "granitemoe": _facts_granite, "smollm3": _facts_smollm3,
-    "glm4": _facts_glm4, "stablelm": _facts_stablelm, "cohere2": _facts_cohere2, "exaone4": _facts_exaone4,
-    "starcoder2": _facts_starcoder2, "qwen2moe": _neox, "olmoe": _neox, "seed_oss": _neox,
-    "apertus": _neox, "llama4": _facts_llama4, "hunyuan-dense": _facts_hunyuan,
+    "qwen2": _neox, "qwen3": _neox, "qwen3moe": _neox, "gemma2": _facts_gemma, "gemma3": _facts_gemma,
+    "gemma4": _facts_gemma4, "phi3": _facts_phi, "phi2": _facts_phi, "gpt-oss": _neox, "olmo2": _neox,
+    "granite": _facts_granite, "granitemoe": _facts_granite, "smollm3": _nope_every_4th, "stablelm": _neox,
+    "cohere2": _facts_cohere2, "exaone4": _neox, "starcoder2": _neox, "qwen2moe": _neox, "olmoe": _neox,
+    "seed_oss": _neox, "apertus": _neox, "llama4": _facts_llama4, "hunyuan-dense": _facts_hunyuan,
+}
+
+# what a test may trip over, per architecture (from the loader and graph in models/<arch>.cpp)
+_NOTES: dict[str, tuple[str, ...]] = {
+    "llama": ("the loader requires rope.dimension_count == head size",),
+    "qwen3": ("Q and K RMS-normed per head before RoPE",),
+    "qwen3moe": ("Q and K RMS-normed per head before RoPE", "softmax top-2 of 4 experts"),
+    "gemma2": ("GELU FFN; four norms a layer (pre and post attention, pre and post FFN)",
+               "no pattern key: the loader's default pattern 2 (layer 0 slides, layer 1 is global)",
+               "attention softcap on Q.K after the on-Q scale; final logits softcapped at 30"),
+    "gemma3": ("no pattern key: the loader's default pattern 6 (layer 5 is global)",
+               "no final softcap unless its key is written (the loader sets 0)",
+               "without rope.freq_base_swa the sliding base is llama-hparams.h's 10000, not freq_base"),
+    "gemma4": ("sliding layers: heads of 32, 2 KV heads; global layers: heads of 64, 1 KV head",
+               "global layers: RoPE over 64 dims with rope_freqs divisors: the first 8 pairs rotate, "
+               "the other 24 (divisor 1e30) do not (proportional RoPE)",
+               "V is RMS-normed without weight; Q and K per head (weights), before RoPE",
+               "layers 3, 4 have no K/V weights and read the cache of layers 1, 2 (kv_source)",
+               "sliding_window_pattern array and sliding_window, key/value_length_swa and "
+               "embedding_length_per_layer_input are required keys"),
+    "phi3": ("fused attn_qkv; fused ffn_up [2 n_ff] (SwiGLU); a sliding_window key is ignored",),
+    "gpt-oss": ("sinks: one extra logit per head in the softmax (attn_sinks)",
+                "experts: SwiGLU-OAI with biases, softmax-weight gating; post_attention_norm is the "
+                "pre-FFN norm; the output tensor is required",
+                "the head size is rope.dimension_count (n_rot), not key_length"),
+    "olmo2": ("post-norms only (no attn_norm/ffn_norm); Q/K RMS-normed over the whole projection",
+              "sliding layers are roped with the global freq_base (rope.freq_base_swa is not used)"),
+    "granite": ("logits are divided by logit_scale (cohere2 multiplies by it)",),
+    "granitemoe": ("logits are divided by logit_scale", "experts of feed_forward_length"),
+    "smollm3": ("no RoPE on layer 3 (every 4th layer), hard-coded in the loader",),
+    "glm4": ("partial RoPE: 16 of 32 dims, consecutive pairs (norm type); fused ffn_up [2 n_ff]",
+             "four norms a layer"),
+    "phi2": ("LayerNorm with bias, attention and FFN in parallel from one norm; partial RoPE 16/32",
+             "fused attn_qkv with bias; GELU FFN with biases; output bias"),
+    "stablelm": ("LayerNorm with bias; partial RoPE: 8 of 32 dims",),
+    "cohere2": ("LayerNorm without bias, attention and FFN in parallel; tied output",
+                "global layers have no RoPE; sliding layers use the global freq_base"),
+    "exaone4": ("post-norms only; QK norm per head; the loader makes layers slide only at 64 layers",),
+    "starcoder2": ("LayerNorm with bias; GELU FFN with biases; q/k/v/o biases",),
+    "qwen2moe": ("experts plus a shared expert gated by sigmoid(ffn_gate_inp_shexp . x)",),
+    "olmoe": ("Q/K RMS-normed over the whole projection; experts of feed_forward_length",),
+    "seed_oss": ("post_attention_norm is the pre-FFN norm (no ffn_norm)",),
+    "apertus": ("xIELU FFN; its xielu.* keys have no architecture prefix and are required",),
+    "arcee": ("ReLU^2 FFN without gate",),
+    "llama4": ("chunked attention: a token attends within its own 8192-token chunk (n_swa 8192)",
+               "no RoPE on layer 3; there Q is scaled by the attention temperature (1 before 8191)",
+               "MoE on odd layers: top-1 sigmoid routing plus a shared expert"),
+    "hunyuan-dense": ("Q and K RMS-normed per head after RoPE",),
 }
 
 
@@ -578,6 +572,7 @@ def layout(arch: str, shape: str | None = None, n_vocab: int = 49152) -> ArchLay
     facts = _base_facts(arch, r, n_vocab)
     if arch in _FACTS:
         facts.update(_FACTS[arch](facts, r))
+    facts["notes"] = _NOTES.get(arch, ()) if arch in RECIPES else ("the llama layout under another name",)
     return ArchLayout(**facts)
 
 
@@ -594,6 +589,9 @@ class _PackedOnce(list):
 
 
 class _Writer(GGUFWriter):
+    """GGUFWriter, with `_PackedOnce` values encoded once (through GGUFWriter's own encoder): the
+    tokenizer's ~100k strings are most of the time of writing a tiny file."""
+
     def _pack_val(self, val, vtype, add_vtype, *args, **kwargs):
         if not isinstance(val, _PackedOnce):
             return super()._pack_val(val, vtype, add_vtype, *args, **kwargs)

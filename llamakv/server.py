@@ -413,7 +413,9 @@ class Engine:
         """Prepare the slot's cache for `tokens`; returns how many of them are already in it."""
         n = _common_prefix(slot.history, tokens) if cache_prompt else 0
         n = min(n, len(tokens) - 1)  # at least one token is decoded, for its logits
-        if n <= 0:
+        if n <= 0 or (n < len(slot.history) and not self.session.can_truncate(n)):
+            # nothing in common, or a sliding-window cache that no longer holds the window before
+            # the common prefix (llama-server re-processes the prompt then too)
             self._forget(slot)
             return 0
         if n < len(slot.history):

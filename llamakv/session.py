@@ -250,13 +250,16 @@ class KVSession:
     def from_model(cls, model: str | os.PathLike | None = None, *, n_ctx: int = 8192,
                    n_gpu_layers: int = 0, n_threads: int | None = None, flash_attn: bool = False,
                    n_batch: int = 512, type_k: int | None = None, type_v: int | None = None,
-                   seed: int = 0, verbose: bool = False, **session_kwargs) -> "KVSession":
-        """Load a GGUF (path or registry name, see models.toml) and wrap it."""
+                   seed: int = 0, verbose: bool = False, swa_full: bool = False, **session_kwargs) -> "KVSession":
+        """Load a GGUF (path or registry name, see models.toml) and wrap it. `swa_full`: a
+        sliding-window model's sliding cache as large as the context (llama-cpp-python's default)
+        instead of the window plus a ubatch (llama-server's default, which llamakv follows: the
+        sliding layers then hold a few hundred cells whatever the context)."""
         path = resolve_model(model)
         spec_for(check_gguf(path))  # refuses before llama.cpp loads anything
         kwargs = dict(n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
                       n_batch=n_batch, n_ubatch=n_batch, flash_attn=flash_attn, seed=seed,
-                      verbose=verbose)
+                      verbose=verbose, swa_full=swa_full)
         # llama-cpp-python decodes on half the cores by default; llama.cpp uses them all
         n_threads = n_threads or os.cpu_count() or 1
         kwargs.update(n_threads=n_threads, n_threads_batch=n_threads)
@@ -525,6 +528,22 @@ class KVSession:
             raise ValueError(f"cannot truncate to position {n_pos}: the sequence is at {self.next_pos}")
         if n_pos == self.next_pos:
             return
+        if not self.can_truncate(n_pos):
+            raise StateError(f"the sliding-window cache no longer holds the {self.cache_layout.window} positions "
+                             f"before {n_pos}: prefill from the start instead of truncating")
+        self._drop_from(n_pos)
+
+    def can_truncate(self, n_pos: int) -> bool:
+        """Whether truncate(n_pos) leaves a cache that continues as a fresh prefill would: a
+        sliding-window model's sliding cache holds only the last window of positions (llama.cpp
+        reuses older cells), so it must still hold every position the token at n_pos attends to,
+        n_pos - window + 1 on (llama_hparams::is_masked_swa; llama-server tests the same before
+        reusing a prompt's prefix)."""
+        if not self.cache_layout.iswa or n_pos >= self.next_pos or self.n_cells == 0:
+            return True
+        return self.cache.pos_min() <= max(0, n_pos - self.cache_layout.window + 1)
+
+    def _drop_from(self, n_pos: int) -> None:
         llama_cpp.llama_memory_seq_rm(self.cache.memory, self.cache.seq_id, n_pos, -1)
         self.n_cells = int(np.searchsorted(self._pos_buf[:self.n_cells], n_pos))
         self.next_pos = n_pos
@@ -679,13 +698,18 @@ class KVSession:
                                  f"free cells it is decoded into while the cache is compressed")
         start, bytes_before = self.next_pos, self.cache.state_size()
         recent = self.capture.recent_queries()  # a copy: the question's queries take their place
+        # the question's tokens may take the cells of the sliding cache's oldest positions: its
+        # part of the state is put back afterwards
+        sliding = self.cache.get_state(partial=True) if self.cache_layout.iswa else None
         try:
             self._decode(question, stats=False)
             n_question = min(len(question), self.capture.window_len)
             self.compress(ratio, press=QuestionAware(press, n_question), aggregation=aggregation, compact=compact,
                           protect_recent=max(1, protect_recent) + len(question), n_future=n_future)
         finally:
-            self.truncate(start)  # the logits are the question's now: generating needs a prompt again
+            self._drop_from(start)  # the logits are the question's now: generating needs a prompt again
+            if sliding is not None:
+                self.cache.set_state(sliding, partial=True)
             self.capture.set_recent_queries(*recent)
         r = replace(self.last_report, cells_before=self.last_report.cells_before - len(question),
                     cells_after=self.n_cells, kv_bytes_before=bytes_before, kv_bytes_after=self.cache.state_size(),

@@ -167,7 +167,7 @@ def test_models_list_marks_compression_support():
     for name, (arch, _size, _unit, compress, status, *_path) in rows.items():
         assert arch == entries[name].architecture
         assert compress == ("yes" if arch in supported() else "no")
-    assert rows["gemma-3-270m"][3] == "no"  # iSWA: not supported yet
+    assert rows["gemma-3-270m"][3] == "yes"  # sliding-window layers: the global ones are compressed
     assert rows["smollm2-135m-instruct"][4] == "installed"
     assert run_cli("models").stdout == r.stdout  # bare `models` lists
 

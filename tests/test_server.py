@@ -31,12 +31,12 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(tmp: Path, *extra: str):
+def running_server(tmp: Path, *extra: str, model: str = "smollm2-135m-instruct"):
     """`llamakv serve` as a subprocess on a free loopback port, up when /health answers."""
     port = _free_port()
     log = tmp / f"server-{port}.log"
     # one thread: on a loaded 2-core machine, two threads spinning on each other decode 5-10x slower
-    cmd = [sys.executable, "-m", "llamakv.cli", "serve", "-m", "smollm2-135m-instruct", "-c", "4096",
+    cmd = [sys.executable, "-m", "llamakv.cli", "serve", "-m", model, "-c", "4096",
            "--port", str(port), "-t", "1", *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with open(log, "wb") as out:
