@@ -126,7 +126,21 @@ enum {
     LAYOUT_KQ_BIAS = 1,     /* something other than scales and a soft cap between q.k and the softmax */
     LAYOUT_NO_QUERY = 2,    /* the query's walk met no tensor shaped [head_dim, n_head, n_tokens] */
     LAYOUT_LAYER = 3,       /* more attention nodes than layers, or a layer index out of range */
+    LAYOUT_AFTER_ROPE = 4,  /* the rotated query goes through another op (a norm) before the attention */
 };
+
+/* Does a ROPE node feed t through a few elementwise or normalising ops? (a query normalised after
+ * RoPE: the rotation of the captured query would not be what the attention sees) */
+static bool rope_below(const struct ggml_tensor * t) {
+    for (int depth = 0; t != NULL && depth < 8; ++depth, t = t->src[0]) {
+        if (t->op == GGML_OP_ROPE) return true;
+        if (t->op != GGML_OP_RMS_NORM && t->op != GGML_OP_NORM && t->op != GGML_OP_L2_NORM && t->op != GGML_OP_MUL &&
+            t->op != GGML_OP_ADD && t->op != GGML_OP_RESHAPE && t->op != GGML_OP_VIEW && t->op != GGML_OP_CONT) {
+            return false;
+        }
+    }
+    return false;
+}
 
 /* The logit of one attention node as softcap, scale (before the q path's own scales), max_bias;
  * returns the kq MUL_MAT's or FLASH_ATTN_EXT's query operand, NULL where the layout is unknown. */
@@ -201,6 +215,9 @@ static void learn_attention(llamakv_capture * c, const struct ggml_tensor * a) {
     if (t != NULL && t->op == GGML_OP_ROPE) {
         rope = t;
         query = t->src[0];
+    } else if (t != NULL && rope_below(t)) {
+        if (!c->layout_error) c->layout_error = LAYOUT_AFTER_ROPE;
+        return;
     } else {
         /* no rope: the deepest tensor of the walk shaped [head_dim, n_head, n_tokens] */
         for (int i = n - 1; i >= 0 && query == NULL; --i) {

@@ -102,7 +102,16 @@ SPECS: dict[str, ArchSpec] = {s.name: s for s in [
     _ok("qwen2moe", "as qwen2, with mixture-of-experts FFN"),
     _ok("olmoe", "QK norm over the projections, mixture-of-experts FFN"),
     _ok("granitemoe", "as granite, with mixture-of-experts FFN"),
-    _ok("internlm2", "fused QKV projection"),
+    _ok("internlm2", "llama-like attention"),
+    _ok("phi2", "fused QKV projection with bias, partial rotary embedding, parallel attention and FFN"),
+    _ok("seed_oss", "llama-like attention with q/k/v biases"),
+    _ok("ernie4_5", "llama-like attention"),
+    _ok("apertus", "QK norm before RoPE"),
+    _ok("arcee", "llama-like attention"),
+    _no("hunyuan-dense", "normalises q and k after RoPE: the query the attention reads is not the rotated "
+        "pre-RoPE query the closed form models"),
+    _no("llama4", "normalises q and k after RoPE (L2 norm) on its RoPE layers: the query the attention reads "
+        "is not the rotated pre-RoPE query the closed form models"),
     # refused: no per-head key cache that single cells can be evicted from
     *[_no(a, _RECURRENT) for a in ("mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "jamba",
                                     "falcon-h1", "granitehybrid", "nemotron_h", "nemotron_h_moe", "lfm2",

@@ -23,6 +23,7 @@ _LAYOUT_ERRORS = {
     1: "its attention adds something other than scales and a soft cap to q.k before the softmax",
     2: "the query of an attention node could not be followed back to a [head_dim, n_head, n_tokens] tensor",
     3: "its graph has more attention nodes than layers",
+    4: "it normalises the query after RoPE, so the rotated pre-RoPE query is not what the attention reads",
 }
 
 

@@ -213,3 +213,32 @@ def test_quantized_key_cache_is_scored_from_the_keys_before_llama_cpp_rotation(t
         s.close()
     scale = np.abs(keys["f16"]).max()
     assert np.abs(keys["q8_0"] - keys["f16"]).max() < 0.02 * scale
+
+
+@pytest.mark.parametrize("arch", ["hunyuan-dense", "llama4"])
+def test_a_query_normalised_after_rope_is_found_in_the_graph(arch, tmp_path, monkeypatch):
+    """Refused by the table; without it, the capture finds the norm after RoPE in the graph itself."""
+    from dataclasses import replace
+
+    import llamakv.architectures as A
+    from llamakv.errors import UnsupportedModelError
+
+    path = write_random_gguf(tmp_path / f"{arch}.gguf", arch)
+    with pytest.raises(UnsupportedModelError, match="after RoPE"):
+        KVSession.from_model(path, n_ctx=256, n_batch=64, n_threads=2)
+    monkeypatch.setitem(A.SPECS, arch, replace(A.SPECS[arch], compressible=True))
+    with pytest.raises(UnsupportedModelError, match="normalises the query after RoPE"):
+        KVSession.from_model(path, n_ctx=256, n_batch=64, n_threads=2)
+
+
+@pytest.mark.parametrize("arch, reason", [("mamba", "recurrent state"), ("qwen3next", "recurrent state"),
+                                          ("rwkv7", "recurrent state"), ("deepseek2", "latent"),
+                                          ("gpt2", "not supported yet")])
+def test_architectures_without_evictable_cells_are_refused_with_the_reason(arch, reason, tmp_path):
+    """Refused from the file's header, before llama.cpp loads it (here the llama layout under
+    that architecture's name)."""
+    from llamakv.errors import UnsupportedModelError
+
+    path = write_random_gguf(tmp_path / f"{arch}.gguf", arch)
+    with pytest.raises(UnsupportedModelError, match=reason):
+        KVSession.from_model(path)
