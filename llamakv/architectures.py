@@ -172,3 +172,19 @@ class CacheLayout:
     @property
     def iswa(self) -> bool:
         return bool(self.sliding_layers)
+
+
+def describe() -> str:
+    """The architectures part of `llamakv models list`: those llamakv compresses and what is
+    special about each, then the refused ones grouped by the reason."""
+    ok = sorted((s for s in SPECS.values() if s.compressible), key=lambda s: s.name)
+    w = max(len(s.name) for s in ok)
+    lines = ["COMPRESSED ARCHITECTURES", *(f"  {s.name.ljust(w)}  {s.summary}" for s in ok), "REFUSED"]
+    reasons: dict[str, list[str]] = {}
+    for spec in SPECS.values():
+        if not spec.compressible:
+            reasons.setdefault(spec.reason, []).append(spec.name)
+    for reason, names in reasons.items():
+        lines.append(f"  {', '.join(sorted(names))}: it {reason}")
+    lines.append("  any other architecture: not tested yet")
+    return "\n".join(lines)

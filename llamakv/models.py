@@ -358,9 +358,10 @@ def describe_registry(cache: Path | None = None) -> str:
                      "yes" if _compressible(e.architecture) else "no", status, where))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
-    lines.append("* default model. COMPRESS no: llamakv does not support the architecture yet "
-                 "(KVSession refuses it with UnsupportedModelError).")
-    return "\n".join(lines)
+    lines.append("* default model. COMPRESS: whether llamakv compresses its architecture (below).")
+    from .architectures import describe
+
+    return "\n".join(lines) + "\n\n" + describe()
 
 
 def add_models_parser(sub) -> None:
