@@ -21,6 +21,7 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include <pthread.h>
+#include <stdio.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -176,6 +177,35 @@ static const struct ggml_tensor * attention_logit(const struct ggml_tensor * a, 
     return x->src[1];
 }
 
+/* The scheduler gives a node whose input lives on another backend a copy of it ("CUDA0#name#0",
+ * ggml_backend_sched_split_graph), a leaf without sources: the original is a node asked about
+ * earlier, found by its name and layout among the last nodes seen. NULL if t is no such copy. */
+static const struct ggml_tensor * copied_from(const llamakv_capture * c, const struct ggml_tensor * t) {
+    if (t->op != GGML_OP_NONE || c->seen == NULL) return NULL;
+    const char * a = strchr(t->name, '#');
+    const char * b = strrchr(t->name, '#');
+    if (a == NULL || b == a) return NULL;
+    const size_t len = (size_t) (b - a - 1);
+    for (int32_t i = 1; i <= c->seen_cap; ++i) {
+        const struct ggml_tensor * o = c->seen[(c->seen_head - i + 2 * c->seen_cap) % c->seen_cap];
+        if (o == NULL) break;
+        if (strncmp(o->name, a + 1, len) == 0 && o->name[len] == '\0' && memcmp(o->ne, t->ne, sizeof t->ne) == 0) {
+            return o;
+        }
+    }
+    return NULL;
+}
+
+static void layout_problem(llamakv_capture * c, int code, const struct ggml_tensor * at) {
+    if (c->layout_error) return;
+    c->layout_error = code;
+    if (at != NULL) {
+        snprintf(c->layout_detail, sizeof c->layout_detail, "%s (op %s, %lldx%lldx%lldx%lld)", at->name,
+                 ggml_op_name(at->op), (long long) at->ne[0], (long long) at->ne[1], (long long) at->ne[2],
+                 (long long) at->ne[3]);
+    }
+}
+
 static bool is_hadamard(const struct ggml_tensor * t) {
     return t->op == GGML_OP_MUL_MAT && t->src[0] != NULL && strcmp(t->src[0]->name, "attn_inp_k_rot") == 0;
 }
@@ -185,7 +215,9 @@ static void learn_attention(llamakv_capture * c, const struct ggml_tensor * a) {
     float scale = 0, softcap = 0, max_bias = 0;
     const struct ggml_tensor * sinks = NULL;
     const struct ggml_tensor * q = attention_logit(a, &scale, &softcap, &max_bias, &sinks);
-    if (q == NULL) { if (!c->layout_error) c->layout_error = LAYOUT_KQ_BIAS; return; }
+    if (q == NULL) { layout_problem(c, LAYOUT_KQ_BIAS, a->src[0]); return; }
+    const struct ggml_tensor * orig = copied_from(c, q);
+    if (orig != NULL) q = orig;
     /* walk: views, permutes, copies, scales and the quantized cache's Hadamard rotation */
     enum { MAX_WALK = 32 };
     const struct ggml_tensor * walked[MAX_WALK];
@@ -194,6 +226,8 @@ static void learn_attention(llamakv_capture * c, const struct ggml_tensor * a) {
     float s = 1.0f;
     const struct ggml_tensor * t = q;
     while (t != NULL && n < MAX_WALK) {
+        const struct ggml_tensor * orig_t = copied_from(c, t);
+        if (orig_t != NULL) t = orig_t;
         walked[n] = t;
         scale_after[n++] = s;
         if (t->op == GGML_OP_SCALE && op_param_f32(t, 1) == 0.0f) {
@@ -216,7 +250,7 @@ static void learn_attention(llamakv_capture * c, const struct ggml_tensor * a) {
         rope = t;
         query = t->src[0];
     } else if (t != NULL && rope_below(t)) {
-        if (!c->layout_error) c->layout_error = LAYOUT_AFTER_ROPE;
+        layout_problem(c, LAYOUT_AFTER_ROPE, t);
         return;
     } else {
         /* no rope: the deepest tensor of the walk shaped [head_dim, n_head, n_tokens] */
@@ -227,11 +261,11 @@ static void learn_attention(llamakv_capture * c, const struct ggml_tensor * a) {
             }
         }
     }
-    if (query == NULL) { if (!c->layout_error) c->layout_error = LAYOUT_NO_QUERY; return; }
+    if (query == NULL) { layout_problem(c, LAYOUT_NO_QUERY, t != NULL ? t : walked[n - 1]); return; }
     int il = layer_suffix(query->name);
     if (il < 0 && rope != NULL) il = layer_suffix(rope->name);
     if (il < 0) il = c->n_attn;
-    if (il >= c->n_layer || c->n_attn >= c->n_layer) { if (!c->layout_error) c->layout_error = LAYOUT_LAYER; return; }
+    if (il >= c->n_layer || c->n_attn >= c->n_layer) { layout_problem(c, LAYOUT_LAYER, query); return; }
     c->attn_layer[c->n_attn++] = il;
     strncpy(c->q_names + il * NAME_LEN, query->name, NAME_LEN - 1);
     c->q_ops[il] = (int32_t) query->op;
@@ -261,6 +295,10 @@ static void learn_attention(llamakv_capture * c, const struct ggml_tensor * a) {
 
 /* What the scheduler shows while only asking: the layout (learning) and attention widths. */
 static void note_graph(llamakv_capture * c, const struct ggml_tensor * t) {
+    if (c->learn && c->seen != NULL) {
+        c->seen[c->seen_head] = (void *) t;
+        c->seen_head = (c->seen_head + 1) % c->seen_cap;
+    }
     if (!is_attention(t)) return;
     if (c->learn) { learn_attention(c, t); return; }
     if (c->n_attn >= c->n_layer) return;

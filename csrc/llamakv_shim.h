@@ -46,6 +46,10 @@ typedef struct llamakv_capture {
     int32_t * k_rot;           /* [n_layer]: size of the Hadamard blocks rotating q and k, 0: none */
     int32_t * attn_layer;      /* [n_layer]: layer of the k-th attention node of a graph */
     int32_t * layer_on;        /* [n_layer]: 1 where the layer's queries are captured (set by Python) */
+    void ** seen;              /* [seen_cap]: ring of the nodes asked about while learning; a node's
+                                  input on another backend is a copy the walk follows back by it */
+    int32_t seen_cap, seen_head;
+    char layout_detail[128];   /* where the walk of the first layout problem stopped */
     int32_t * rope_params;     /* [n_layer][16]: the query's ROPE node's op_params */
     float * rope_factors;      /* [n_layer][head_dim/2]: the ROPE node's frequency factors */
     int32_t * rope_has_factors;/* [n_layer] */

@@ -82,6 +82,7 @@ class Capture:
         self.k_rot = np.zeros(n_layer, dtype=np.int32)
         self.attn_layer = np.full(n_layer, -1, dtype=np.int32)
         self.layer_on = np.ones(n_layer, dtype=np.int32)  # layers whose queries are captured
+        self._seen = np.zeros(4096, dtype=np.uint64)  # node pointers, while learning (csrc: copied_from)
         self.layout: AttentionLayout | None = None
         # pinned when there is a GPU: queries are copied from the device into it
         self._q_stage_buffer = _shim.HostBuffer()
@@ -117,6 +118,8 @@ class Capture:
         c.k_rot = _shim.ptr("int32_t *", self.k_rot)
         c.attn_layer = _shim.ptr("int32_t *", self.attn_layer)
         c.layer_on = _shim.ptr("int32_t *", self.layer_on)
+        c.seen = ffi.cast("void **", self._seen.ctypes.data)
+        c.seen_cap = len(self._seen)
         c.q_stage = _shim.ptr("float *", self._q_stage)
         c.scratch = _shim.ptr("float *", self._scratch)
         c.q_work = _shim.ptr("double *", self._q_work)
@@ -171,6 +174,9 @@ class Capture:
         self.q_ops[:] = -1
         self.attn_layer[:] = -1
         self._c.layout_error = 0
+        self._c.layout_detail = b""
+        self._seen[:] = 0
+        self._c.seen_head = 0
         self._c.n_attn = 0
         self._c.learn = 1
 
@@ -180,7 +186,9 @@ class Capture:
         self._c.learn = 0
         err = int(self._c.layout_error)
         if err:
-            raise UnsupportedModelError(f"llamakv cannot score this model: {_LAYOUT_ERRORS.get(err, err)}")
+            detail = self.shim.ffi.string(self._c.layout_detail).decode(errors="replace")
+            raise UnsupportedModelError(f"llamakv cannot score this model: {_LAYOUT_ERRORS.get(err, err)}"
+                                        + (f" (at {detail})" if detail else ""))
         layers = []
         for il in range(self.n_layer):
             if self.q_ops[il] < 0:
