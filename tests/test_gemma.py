@@ -109,3 +109,15 @@ def test_server_finds_the_needle_at_half_the_cache(tmp_path):
     assert NEEDLE in r["content"]
     comp = r["llamakv"]["compression"]
     assert comp["evicted"] > 1000 and comp["cells_after"] < 0.55 * comp["cells_before"]
+
+
+def test_prompt_streamed_through_a_bounded_cache(gemma):
+    """2.9k tokens through 1024 global cells: compressed while prefilling, the needle still found."""
+    s, snap = gemma
+    s.reset()
+    s.prefill(CONTEXT, budget=1024)
+    assert len(s.reports) >= 2 and s.n_cells <= 1024
+    assert all(r.sliding_cells > 0 for r in s.reports)
+    answer = s.generate(TAIL, max_tokens=12, budget=1024)
+    assert s.n_cells <= 1024
+    assert NEEDLE in answer
