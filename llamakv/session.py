@@ -22,7 +22,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals
 
-from .architectures import CacheLayout, spec_for, supported
+from .architectures import CacheLayout, spec_for
 from .cache import LayerTensor, SeqState, SequenceCache, position_runs
 from . import _shim
 from ._shim import HostBuffer
