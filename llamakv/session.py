@@ -99,16 +99,18 @@ def _meta(model, key: str) -> str | None:
     return buf.value.decode() if n >= 0 else None
 
 
-def _gguf_field(path: str, key: str):
-    """A metadata value of the GGUF file (arrays as lists; llama.cpp's API gives only scalars
-    as text), None if absent or unreadable."""
+def _gguf_fields(path: str, keys: Sequence[str]) -> dict:
+    """Metadata values of the GGUF file, read once (arrays as lists; llama.cpp's API gives only
+    scalars as text); a key absent or unreadable is None."""
+    if not keys:
+        return {}
     from gguf import GGUFReader
 
     try:
-        field = GGUFReader(path).get_field(key)
+        reader = GGUFReader(path)
     except (OSError, ValueError):
-        return None
-    return None if field is None else field.contents()
+        return dict.fromkeys(keys)
+    return {k: (f.contents() if (f := reader.get_field(k)) is not None else None) for k in keys}
 
 
 class _CallbackSwitch:
@@ -162,10 +164,13 @@ class KVSession:
         self.head_dim = int(key_len) if key_len else llama_cpp.llama_model_n_embd(model) // self.n_head
         self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
         n_swa = int(llama_cpp.llama_model_n_swa(model))
-        pattern = _gguf_field(llama.model_path, f"{self.architecture}.attention.sliding_window_pattern") if n_swa else None
-        sliding = self.spec.sliding_layers(self.n_layer, n_swa, pattern)
-        shared = _gguf_field(llama.model_path, f"{self.architecture}.attention.shared_kv_layers") if self.spec.shares_kv else 0
-        self.cache_layout = CacheLayout(tuple(sliding), n_swa, tuple(self.spec.kv_sources(sliding, int(shared or 0))))
+        pattern_key = f"{self.architecture}.attention.sliding_window_pattern"
+        shared_key = f"{self.architecture}.attention.shared_kv_layers"
+        meta = _gguf_fields(llama.model_path, [k for k, wanted in ((pattern_key, n_swa), (shared_key, self.spec.shares_kv))
+                                               if wanted])
+        sliding = self.spec.sliding_layers(self.n_layer, n_swa, meta.get(pattern_key))
+        kv_sources = self.spec.kv_sources(sliding, int(meta.get(shared_key) or 0))
+        self.cache_layout = CacheLayout(tuple(sliding), n_swa, tuple(kv_sources))
         self.n_sink = n_sink
         self.press = press or ExpectedAttentionKeyDiff(expected_attention=ExpectedAttention(full_covariance=full_covariance))
         self.aggregation = aggregation
