@@ -8,8 +8,9 @@
  * attention sinks. Names alone do not identify it: `Qcur-N` names several nodes of a layer and
  * QK-norm models rotate `Qcur_normed-N`. Afterwards it asks for exactly those nodes, read at
  * their own node (ggml may compute ROPE in place over its input), and copies only the rows it
- * needs: the last `stats_rows` tokens of the ubatch are merged into running statistics per
- * (layer, head, dimension), the last `window_rows` go to a ring of recent queries. Every
+ * needs: a ubatch is described as segments, each a run of one sequence's rows; the last
+ * `stats_rows` of a segment are merged into that sequence's running statistics per (layer, head,
+ * dimension), the last `window_rows` go to its ring of recent queries. Every
  * asked-for node splits the graph and, on a GPU, costs a synchronisation, so nothing else is
  * asked for: the attention widths are read while the scheduler only asks. Keys and values are
  * not copied here: they are read from the cache state when scoring.
@@ -310,10 +311,11 @@ static void note_graph(llamakv_capture * c, const struct ggml_tensor * t) {
 
 /* Copy tokens [r0, ne[2]) of a F32 tensor [ne0, ne1, ne2] into dst, contiguous. One device read:
  * the span the rows cover (views of fused QKV are gathered on the host from scratch). */
-static int read_rows_f32(llamakv_capture * c, const struct ggml_tensor * t, int64_t r0, float * dst,
-                         int64_t dst_cap) {
+static int read_rows_f32(llamakv_capture * c, const struct ggml_tensor * t, int64_t r0, int64_t n_rows,
+                         float * dst, int64_t dst_cap) {
     if (t->type != GGML_TYPE_F32) return ERR_BAD_TYPE;
-    const int64_t n_rows = t->ne[2] - r0, per_row = t->ne[0] * t->ne[1];
+    if (r0 < 0 || r0 + n_rows > t->ne[2]) return ERR_BAD_SHAPE;
+    const int64_t per_row = t->ne[0] * t->ne[1];
     if (n_rows * per_row > dst_cap) return ERR_UBATCH_TOO_LARGE;
     if (n_rows <= 0) return ERR_NONE;
     if (ggml_is_contiguous(t)) {
@@ -445,16 +447,17 @@ static void column_sums_parallel(const float * q, int64_t hd, int64_t skip, int6
  * m_b and M2_b (sum of squared deviations): delta = m_b - mean, mean += delta n_b / n,
  * M2 += M2_b + delta^2 n_a n_b / n (and the same with outer products for the comoment). The
  * batch's mean and M2 come from sums and sums of squares in double, one pass over the rows. */
-static void merge_queries(llamakv_capture * c, int il, const float * q, int64_t n_tok, int64_t pos0) {
+static void merge_queries(llamakv_capture * c, llamakv_seq_capture * sc, int il, const float * q, int64_t n_tok,
+                          int64_t pos0) {
     const int64_t H = c->n_head, d = c->head_dim, hd = H * d;
     const int64_t skip = pos0 >= c->n_sink ? 0 : (c->n_sink - pos0 < n_tok ? c->n_sink - pos0 : n_tok);
     const int64_t n_b = n_tok - skip;
     if (n_b <= 0) return;
     double * sum = c->q_work, * sq = c->q_work + hd;
     column_sums_parallel(q, hd, skip, n_tok, sum, sq);
-    double * count = c->q_count + il;
+    double * count = sc->q_count + il;
     const double n_a = *count, n = n_a + (double) n_b, w = n_a * (double) n_b / n;
-    double * mean = c->q_mean + il * hd, * m2 = c->q_m2 + il * hd, * delta = c->q_work + 2 * hd;
+    double * mean = sc->q_mean + il * hd, * m2 = sc->q_m2 + il * hd, * delta = c->q_work + 2 * hd;
     for (int64_t j = 0; j < hd; ++j) {
         const double mb = sum[j] / (double) n_b;
         const double m2b = sq[j] - sum[j] * mb;
@@ -462,10 +465,10 @@ static void merge_queries(llamakv_capture * c, int il, const float * q, int64_t 
         m2[j] += (m2b > 0.0 ? m2b : 0.0) + delta[j] * delta[j] * w;
         mean[j] += delta[j] * (double) n_b / n;
     }
-    if (c->q_cov) {
+    if (sc->q_cov) {
         /* comoment per head (d x d): deviations from the batch mean, then Chan's correction */
         for (int64_t h = 0; h < H; ++h) {
-            double * cov = c->q_cov + (il * H + h) * d * d;
+            double * cov = sc->q_cov + (il * H + h) * d * d;
             const double * sh = sum + h * d, * dh = delta + h * d;
             for (int64_t t = skip; t < n_tok; ++t) {
                 const float * x = q + t * hd + h * d;
@@ -481,35 +484,52 @@ static void merge_queries(llamakv_capture * c, int il, const float * q, int64_t 
     *count = n;
 }
 
-static int32_t stats_rows_of(const llamakv_capture * c) {
+static int32_t stats_rows_of(const llamakv_capture * c, const llamakv_segment * g) {
     if (!c->stats_enabled) return 0;
-    return c->stats_rows < c->ubatch_n_tok ? c->stats_rows : c->ubatch_n_tok;
+    return g->stats_rows < g->n_tok ? g->stats_rows : g->n_tok;
 }
 
-static int32_t window_rows_of(const llamakv_capture * c) {
-    int32_t r = c->window_rows < c->ubatch_n_tok ? c->window_rows : c->ubatch_n_tok;
-    return r < c->window_cap ? r : c->window_cap;
+static int32_t window_rows_of(const llamakv_segment * g) {
+    int32_t r = g->window_rows < g->n_tok ? g->window_rows : g->n_tok;
+    return r < g->seq->window_cap ? r : g->seq->window_cap;
 }
 
+static bool wants_queries(const llamakv_capture * c) {
+    for (int32_t k = 0; k < c->n_seg; ++k)
+        if (stats_rows_of(c, &c->segs[k]) > 0 || window_rows_of(&c->segs[k]) > 0) return true;
+    return false;
+}
+
+/* The rows each segment wants, read from the node (one copy per segment from a device) and
+ * merged into that segment's sequence. */
 static void observe_query(llamakv_capture * c, const struct ggml_tensor * t, int il) {
-    const int64_t n_tok = t->ne[2], per_tok = (int64_t) c->n_head * c->head_dim;
-    if (t->ne[0] != c->head_dim || t->ne[1] != c->n_head || n_tok != c->ubatch_n_tok) {
+    const int64_t per_tok = (int64_t) c->n_head * c->head_dim;
+    if (t->ne[0] != c->head_dim || t->ne[1] != c->n_head || t->ne[2] != c->ubatch_n_tok) {
         set_error(c, ERR_BAD_SHAPE);
         return;
     }
-    const int64_t rs = stats_rows_of(c), rw = window_rows_of(c);
-    const int64_t r = rs > rw ? rs : rw;
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    int err = read_rows_f32(c, t, n_tok - r, c->q_stage, (int64_t) c->n_ubatch * per_tok);
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    c->copy_ns += (int64_t) (t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);
-    if (err) { set_error(c, err); return; }
-    if (rs > 0) merge_queries(c, il, c->q_stage + (r - rs) * per_tok, rs, c->ubatch_pos0 + n_tok - rs);
-    for (int64_t i = 0; i < rw; ++i) {
-        const int64_t slot = (c->window_head + i) % c->window_cap;
-        memcpy(c->window + ((int64_t) il * c->window_cap + slot) * per_tok,
-               c->q_stage + (r - rw + i) * per_tok, per_tok * sizeof(float));
+    for (int32_t k = 0; k < c->n_seg; ++k) {
+        const llamakv_segment * g = &c->segs[k];
+        llamakv_seq_capture * sc = g->seq;
+        const int64_t rs = stats_rows_of(c, g), rw = window_rows_of(g);
+        const int64_t r = rs > rw ? rs : rw;
+        if (r <= 0) continue;
+        if (g->row0 < 0 || g->row0 + g->n_tok > c->ubatch_n_tok) { set_error(c, ERR_BAD_SHAPE); return; }
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        int err = read_rows_f32(c, t, g->row0 + g->n_tok - r, r, c->q_stage, (int64_t) c->n_ubatch * per_tok);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        c->copy_ns += (int64_t) (t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);
+        if (err) { set_error(c, err); return; }
+        if (rs > 0) merge_queries(c, sc, il, c->q_stage + (r - rs) * per_tok, rs, g->pos0 + g->n_tok - rs);
+        for (int64_t i = 0; i < rw; ++i) {
+            const int64_t slot = (sc->window_head + i) % sc->window_cap;
+            memcpy(sc->window + ((int64_t) il * sc->window_cap + slot) * per_tok,
+                   c->q_stage + (r - rw + i) * per_tok, per_tok * sizeof(float));
+        }
+        struct timespec t2;
+        clock_gettime(CLOCK_MONOTONIC, &t2);
+        sc->capture_ns += (int64_t) (t2.tv_sec - t0.tv_sec) * 1000000000 + (t2.tv_nsec - t0.tv_nsec);
     }
 }
 
@@ -519,7 +539,7 @@ static void observe_probe(llamakv_capture * c, const struct ggml_tensor * t) {
     view.ne[2] = t->ne[2] * t->ne[3];
     view.ne[3] = 1;
     if (t->ne[3] > 1 && !ggml_is_contiguous(t)) { set_error(c, ERR_BAD_SHAPE); return; }
-    int err = read_rows_f32(c, &view, 0, c->probe_buf, c->probe_cap);
+    int err = read_rows_f32(c, &view, 0, view.ne[2], c->probe_buf, c->probe_cap);
     if (err) { set_error(c, err); return; }
     c->probe_n = ggml_nelements(t);
     for (int i = 0; i < 4; ++i) c->probe_ne[i] = t->ne[i];
@@ -534,7 +554,7 @@ bool llamakv_eval_callback(void * tensor, bool ask, void * user_data) {
     if (ask) {
         if (il < 0) note_graph(c, t);
         if (c->learn) return false;
-        const bool want_q = il >= 0 && (stats_rows_of(c) > 0 || window_rows_of(c) > 0);
+        const bool want_q = il >= 0 && wants_queries(c);
         return want_q || probe;
     }
     if (probe) observe_probe(c, t);

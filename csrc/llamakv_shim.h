@@ -2,6 +2,31 @@
  * Python calls on the cache state. Only plain C types here: cffi parses this file (preprocessor
  * lines and comments are stripped). */
 
+/* Where the queries of one sequence go: its running statistics and its ring of recent queries.
+ * One per sequence of the context, owned by Python. */
+typedef struct llamakv_seq_capture {
+    /* query statistics, per layer (Welford / Chan: count, mean, M2; optional comoment) */
+    double * q_count;          /* [n_layer] */
+    double * q_mean;           /* [n_layer][n_head][head_dim] */
+    double * q_m2;             /* [n_layer][n_head][head_dim] */
+    double * q_cov;            /* [n_layer][n_head][head_dim][head_dim] or NULL */
+    /* ring of the most recent pre-RoPE queries (attention-based presses) */
+    float * window;            /* [n_layer][window_cap][n_head][head_dim] */
+    int32_t window_cap;
+    int32_t window_head;       /* ring slot of the segment's first window row (Python advances it) */
+    int64_t capture_ns;        /* time spent copying and merging this sequence's queries */
+} llamakv_seq_capture;
+
+/* Rows row0 .. row0 + n_tok - 1 of the ubatch: tokens of one sequence at consecutive positions
+ * pos0 ..; the last stats_rows feed its statistics, the last window_rows its window ring.
+ * llamakv builds every batch as llama.cpp will decode it (one ubatch; with several sequences,
+ * as llama.cpp's split_equal orders them: sequence after sequence), so rows are known by index. */
+typedef struct llamakv_segment {
+    llamakv_seq_capture * seq;
+    int32_t row0, n_tok, pos0;
+    int32_t stats_rows, window_rows;
+} llamakv_segment;
+
 typedef struct llamakv_capture {
     /* configuration, written by Python */
     int32_t n_layer, n_head, head_dim;
@@ -9,23 +34,12 @@ typedef struct llamakv_capture {
     int32_t n_sink;            /* positions below this are left out of the statistics */
     int32_t enabled;           /* 0: the callback observes nothing (and splits no graph) */
     int32_t stats_enabled;     /* 0: queries are not accumulated */
-    int32_t stats_rows;        /* queries of the last stats_rows tokens of each ubatch are used */
 
     /* the ubatch being decoded, written by Python before each llama_decode */
-    int32_t ubatch_pos0;       /* position of its first token (positions are consecutive) */
     int32_t ubatch_n_tok;
-    int32_t window_rows;       /* its last window_rows queries go to the window ring */
-
-    /* query statistics, per layer (Welford / Chan: count, mean, M2; optional comoment) */
-    double * q_count;          /* [n_layer] */
-    double * q_mean;           /* [n_layer][n_head][head_dim] */
-    double * q_m2;             /* [n_layer][n_head][head_dim] */
-    double * q_cov;            /* [n_layer][n_head][head_dim][head_dim] or NULL */
-
-    /* ring of the most recent pre-RoPE queries (attention-based presses) */
-    float * window;            /* [n_layer][window_cap][n_head][head_dim] */
-    int32_t window_cap;
-    int32_t window_head;       /* ring slot of the ubatch's first window row (Python advances it) */
+    int32_t n_seg;             /* segments of the ubatch with queries wanted */
+    int32_t seg_cap;
+    llamakv_segment * segs;    /* [seg_cap] */
 
     /* the attention layout, learnt from the graph's structure while `learn` is set (the callback
      * then only looks): each attention node's query is followed back through views, permutes,

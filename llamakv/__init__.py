@@ -6,9 +6,14 @@ from .errors import (CacheFullError, CaptureError, LlamaKVError, ModelError, Shi
                      StateError, UnsupportedModelError)
 from .models import load_llama
 from .scoring import ExpectedAttention, aggregate
-from .session import CompressionReport, KVSession
+from .compressor import CompressionReport, Compressor
+from .context import Context, open_llama
+from .generation import Generation, Sampling, decode_step
+from .sequence import Sequence
+from .session import KVSession
 
 __version__ = "0.1.0"
-__all__ = ["KVSession", "load_llama", "CompressionReport", "ExpectedAttention", "aggregate",
+__all__ = ["KVSession", "load_llama", "open_llama", "Context", "Sequence", "Compressor", "Generation", "Sampling",
+           "decode_step", "CompressionReport", "ExpectedAttention", "aggregate",
            "LlamaKVError", "ModelError", "UnsupportedModelError", "ShimBuildError", "CacheFullError",
            "StateError", "CaptureError"]

@@ -129,15 +129,15 @@ class CacheSection:
     def write_keeping(self, buf: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
         """Write this section into `out` (size_keeping(len(rows)) bytes) with only the cells at
         `rows` (sorted), in order."""
-        n, m = self.n_cells, len(rows)
-        counts = np.zeros(self.n_stream, dtype="<u4")
-        counts[self.stream] = m
+        n, m, s = self.n_cells, len(rows), self.stream
+        # n_stream, then per stream its cell count, followed by its cells where it has some
         out[:4] = np.array([self.n_stream], dtype="<u4").view(np.uint8)
-        out[4:4 + 4 * self.n_stream] = counts.view(np.uint8)
-        off = 4 + 4 * self.n_stream
+        out[4:4 + 4 * s] = 0
+        out[4 + 4 * s:8 + 4 * s] = np.array([m], dtype="<u4").view(np.uint8)
+        off = 8 + 4 * s
         out[off:off + 12 * m] = self.cell_meta[rows].reshape(-1).view(np.uint8)
         off += 12 * m
-        v_trans_at = self.start + 4 + 4 * self.n_stream + 12 * n
+        v_trans_at = self.start + 8 + 4 * s + 12 * n
         out[off:off + 8] = buf[v_trans_at:v_trans_at + 8]
         off += 8
         lib = _shim.load().lib
@@ -149,7 +149,8 @@ class CacheSection:
             size = lt.data.shape[0] * m * lt.elem if lt.transposed else m * lt.row_bytes
             jobs.append((lt, out[off:off + size]))
             off += size
-        assert off == len(out)
+        out[off:] = 0  # the streams after this one: no cells
+        assert off + 4 * (self.n_stream - s - 1) == len(out)
 
         def gather(job) -> None:
             lt, dst = job
@@ -244,6 +245,26 @@ class SeqState:
         main.write_keeping(self.buf, rows, out[8:8 + size_main])
         out[8 + size_main:] = rest
         return out
+
+
+def with_streams(state: np.ndarray, n_stream: int) -> np.ndarray:
+    """The same sequence state for a context of `n_stream` KV streams (llama.cpp refuses a state
+    whose stream count differs from its own): the cells go to stream 0, restored into whichever
+    sequence they are given to. Returns `state` itself where the count is already right."""
+    parsed = SeqState.parse(state)
+    if all(sec.n_stream == n_stream for sec in parsed.sections):
+        return state
+    buf = parsed.buf
+    out = [buf[:8]]
+    for sec in parsed.sections:
+        counts = np.zeros(n_stream, dtype="<u4")
+        out.append(np.array([n_stream], dtype="<u4").view(np.uint8))
+        if sec.n_cells == 0:
+            out.append(counts.view(np.uint8))
+            continue
+        payload = buf[sec.start + 4 + 4 * (sec.stream + 1):sec.end - 4 * (sec.n_stream - sec.stream - 1)]
+        out += [np.array([sec.n_cells], dtype="<u4").view(np.uint8), payload, counts[1:].view(np.uint8)]
+    return np.concatenate(out)
 
 
 def drop_cells(state: np.ndarray, evicted_positions: np.ndarray) -> np.ndarray:

@@ -1,9 +1,11 @@
 """Capture of pre-RoPE queries through llama.cpp's eval callback.
 
-A `Capture` owns the C state the callback writes (`llamakv_capture`), the numpy arrays behind it
-(query statistics, the ring of recent queries, the model's rope parameters) and tells the
-callback about each ubatch before it is decoded. Keys and values are not captured: they are in
-llama.cpp's cache and are read from the sequence state when scoring (llamakv/cache.py).
+A `Capture` owns the C state the callback writes (`llamakv_capture`): the attention layout it
+learns, the model's rope parameters, the staging buffers; it tells the callback about each ubatch
+before it is decoded, as segments of rows, one per sequence. A `SeqCapture` is one sequence's
+share (`llamakv_seq_capture`): its query statistics and its ring of recent queries. Keys and
+values are not captured: they are in llama.cpp's cache and are read from the sequence state when
+scoring (llamakv/cache.py).
 """
 from __future__ import annotations
 
@@ -55,17 +57,95 @@ class AttentionLayout:
         return [i for i, a in enumerate(self.layers) if a is None]
 
 
-class Capture:
-    def __init__(self, *, n_layer: int, n_head: int, head_dim: int, n_ubatch: int,
-                 n_sink: int = 4, full_covariance: bool = False, window: int = 64):
-        self.shim = _shim.load()
-        ffi = self.shim.ffi
-        self.n_layer, self.n_head, self.head_dim = n_layer, n_head, head_dim
+class SeqCapture:
+    """The queries captured for one sequence: running statistics and the ring of the most recent
+    ones, written by the callback for that sequence's rows of each ubatch."""
+
+    def __init__(self, shim, *, n_layer: int, n_head: int, head_dim: int, full_covariance: bool = False,
+                 window: int = 64):
         self.stats = QueryStats(n_layer, n_head, head_dim, full_covariance)
         self.window_cap = max(1, int(window))
         self.window = np.zeros((n_layer, self.window_cap, n_head, head_dim), dtype=np.float32)
         self.window_pos = np.zeros(self.window_cap, dtype=np.int64)
         self.window_len = 0
+        ffi = shim.ffi
+        c = ffi.new("llamakv_seq_capture *")
+        c.q_count = _shim.ptr("double *", self.stats.count)
+        c.q_mean = _shim.ptr("double *", self.stats.mean)
+        c.q_m2 = _shim.ptr("double *", self.stats.m2)
+        c.q_cov = _shim.ptr("double *", self.stats.cov) if self.stats.cov is not None else ffi.NULL
+        c.window = _shim.ptr("float *", self.window)
+        c.window_cap = self.window_cap
+        self._c = c
+
+    def reset(self) -> None:
+        """Forget everything captured."""
+        self.stats.reset()
+        self.window_len = 0
+        self._c.window_head = 0
+
+    @property
+    def capture_seconds(self) -> float:
+        """Time the callback spent copying and accumulating this sequence's queries."""
+        return int(self._c.capture_ns) * 1e-9
+
+    def advance_window(self, pos0: int, rows: int) -> None:
+        """After a decode: the callback wrote `rows` queries at positions pos0 .. into the ring."""
+        if rows <= 0:
+            return
+        head = int(self._c.window_head)
+        slots = (head + np.arange(rows)) % self.window_cap
+        self.window_pos[slots] = pos0 + np.arange(rows)
+        self._c.window_head = (head + rows) % self.window_cap
+        self.window_len = min(self.window_cap, self.window_len + rows)
+
+    def recent_slots(self) -> np.ndarray:
+        """Where the window's queries sit in the ring (`window`, `window_pos`), oldest first."""
+        return (int(self._c.window_head) - self.window_len + np.arange(self.window_len)) % self.window_cap
+
+    def recent_queries(self) -> tuple[np.ndarray, np.ndarray]:
+        """The window of recent pre-RoPE queries, oldest first: q [n_layer, W, n_head, head_dim]
+        and their positions [W]."""
+        slots = self.recent_slots()
+        return self.window[:, slots], self.window_pos[slots].copy()
+
+    def set_recent_queries(self, q: np.ndarray, pos: np.ndarray) -> None:
+        n = min(len(pos), self.window_cap)
+        self.window[:, :n] = q[:, len(pos) - n:]
+        self.window_pos[:n] = pos[len(pos) - n:]
+        self.window_len = n
+        self._c.window_head = n % self.window_cap
+
+    def state_arrays(self) -> dict:
+        """Everything captured, as named arrays (snapshots and saved states)."""
+        q, pos = self.recent_queries()
+        return {**self.stats.arrays(), "window_q": q.copy(), "window_pos": pos}
+
+    def load_state_arrays(self, arrays: dict) -> None:
+        self.stats.restore(arrays)
+        self.set_recent_queries(arrays["window_q"], arrays["window_pos"])
+
+
+@dataclass
+class Segment:
+    """Rows of a ubatch that belong to one sequence (see csrc: llamakv_segment)."""
+    seq: SeqCapture
+    row0: int
+    n_tok: int
+    pos0: int
+    stats_rows: int = 0
+    window_rows: int = 0
+
+
+class Capture:
+    """The callback's state for one llama.cpp context: the layout it learns, the rope it sees,
+    and the segments of the ubatch being decoded."""
+
+    def __init__(self, *, n_layer: int, n_head: int, head_dim: int, n_ubatch: int, n_sink: int = 4,
+                 max_segments: int = 1):
+        self.shim = _shim.load()
+        ffi = self.shim.ffi
+        self.n_layer, self.n_head, self.head_dim = n_layer, n_head, head_dim
         self.rope_params = np.zeros((n_layer, 16), dtype=np.int32)
         self.rope_factors = np.zeros((n_layer, head_dim // 2), dtype=np.float32)
         self.rope_has_factors = np.zeros(n_layer, dtype=np.int32)
@@ -90,6 +170,8 @@ class Capture:
         self._scratch = np.empty(n_ubatch * 3 * n_head * head_dim, dtype=np.float32)
         self._q_work = np.empty(3 * n_head * head_dim, dtype=np.float64)
         self._probe = None
+        self._segs = ffi.new("llamakv_segment[]", max(1, max_segments))
+        self._seg_list: list[Segment] = []
 
         c = ffi.new("llamakv_capture *")
         c.n_layer, c.n_head, c.head_dim = n_layer, n_head, head_dim
@@ -97,12 +179,8 @@ class Capture:
         c.n_sink = n_sink
         c.enabled = 1
         c.stats_enabled = 1
-        c.q_count = _shim.ptr("double *", self.stats.count)
-        c.q_mean = _shim.ptr("double *", self.stats.mean)
-        c.q_m2 = _shim.ptr("double *", self.stats.m2)
-        c.q_cov = _shim.ptr("double *", self.stats.cov) if self.stats.cov is not None else ffi.NULL
-        c.window = _shim.ptr("float *", self.window)
-        c.window_cap = self.window_cap
+        c.segs = self._segs
+        c.seg_cap = max(1, max_segments)
         c.rope_params = _shim.ptr("int32_t *", self.rope_params)
         c.rope_factors = _shim.ptr("float *", self.rope_factors)
         c.rope_has_factors = _shim.ptr("int32_t *", self.rope_has_factors)
@@ -155,11 +233,7 @@ class Capture:
     def n_sink(self) -> int:
         return int(self._c.n_sink)
 
-    def reset(self) -> None:
-        """Forget everything captured."""
-        self.stats.reset()
-        self.window_len = 0
-        self._c.window_head = 0
+    def reset_timers(self) -> None:
         self._c.error = 0
         self._c.capture_ns = 0
         self._c.copy_ns = 0
@@ -179,6 +253,10 @@ class Capture:
         self._c.seen_head = 0
         self._c.n_attn = 0
         self._c.learn = 1
+
+    @property
+    def learning(self) -> bool:
+        return bool(self._c.learn)
 
     def end_learning(self) -> AttentionLayout:
         """The layout the decode call since begin_learning() showed; raises where the graph is
@@ -206,31 +284,36 @@ class Capture:
         return self.layout
 
     # -- per ubatch ------------------------------------------------------------------------
-    def begin_ubatch(self, pos0: int, n_tok: int, stats_rows: int, window_rows: int) -> bool:
-        """Tell the callback about the ubatch about to be decoded: tokens at positions
-        pos0 .. pos0 + n_tok - 1, of which the last `stats_rows` feed the statistics and the last
-        `window_rows` the window of recent queries. Returns whether any query is wanted."""
+    def begin_ubatch(self, n_tok: int, segments: list[Segment]) -> bool:
+        """Tell the callback about the ubatch about to be decoded: `n_tok` rows, of which the
+        segments' rows are captured into their sequences (a segment's stats_rows and window_rows
+        are its last rows). Returns whether any query is wanted."""
         on = self.enabled
-        self._c.ubatch_pos0 = pos0
         self._c.ubatch_n_tok = n_tok
-        self._c.stats_rows = max(0, min(stats_rows, n_tok)) if on and self.stats_enabled else 0
-        self._c.window_rows = max(0, min(window_rows, n_tok, self.window_cap)) if on else 0
         self._c.n_attn = 0
-        return bool(self._c.stats_rows or self._c.window_rows)
+        kept = []
+        for g in segments if on else ():
+            stats = max(0, min(g.stats_rows, g.n_tok)) if self.stats_enabled else 0
+            window = max(0, min(g.window_rows, g.n_tok, g.seq.window_cap))
+            if stats or window:
+                kept.append(Segment(g.seq, g.row0, g.n_tok, g.pos0, stats, window))
+        if len(kept) > len(self._segs):
+            raise CaptureError(f"{len(kept)} sequences in one ubatch, the capture was set up for {len(self._segs)}")
+        for k, g in enumerate(kept):
+            cs = self._segs[k]
+            cs.seq, cs.row0, cs.n_tok, cs.pos0 = g.seq._c, g.row0, g.n_tok, g.pos0
+            cs.stats_rows, cs.window_rows = g.stats_rows, g.window_rows
+        self._c.n_seg = len(kept)
+        self._seg_list = kept
+        return bool(kept)
 
     def end_ubatch(self, decoded: bool) -> None:
-        """After the decode call: advance the query window if the tokens went in."""
-        rw = int(self._c.window_rows)
-        self._c.window_rows = 0
-        self._c.stats_rows = 0
-        if not decoded or rw <= 0:
-            return
-        head = int(self._c.window_head)
-        pos0 = int(self._c.ubatch_pos0) + int(self._c.ubatch_n_tok) - rw
-        slots = (head + np.arange(rw)) % self.window_cap
-        self.window_pos[slots] = pos0 + np.arange(rw)
-        self._c.window_head = (head + rw) % self.window_cap
-        self.window_len = min(self.window_cap, self.window_len + rw)
+        """After the decode call: advance each sequence's query window if the tokens went in."""
+        self._c.n_seg = 0
+        kept, self._seg_list = self._seg_list, []
+        if decoded:
+            for g in kept:
+                g.seq.advance_window(g.pos0 + g.n_tok - g.window_rows, g.window_rows)
 
     # -- results ---------------------------------------------------------------------------
     @property
@@ -258,23 +341,6 @@ class Capture:
             self._c.error = 0
             raise CaptureError(f"capture failed: {self.shim.error_string(err)}")
 
-    def recent_slots(self) -> np.ndarray:
-        """Where the window's queries sit in the ring (`window`, `window_pos`), oldest first."""
-        return (int(self._c.window_head) - self.window_len + np.arange(self.window_len)) % self.window_cap
-
-    def recent_queries(self) -> tuple[np.ndarray, np.ndarray]:
-        """The window of recent pre-RoPE queries, oldest first: q [n_layer, W, n_head, head_dim]
-        and their positions [W]."""
-        slots = self.recent_slots()
-        return self.window[:, slots], self.window_pos[slots].copy()
-
-    def set_recent_queries(self, q: np.ndarray, pos: np.ndarray) -> None:
-        n = min(len(pos), self.window_cap)
-        self.window[:, :n] = q[:, len(pos) - n:]
-        self.window_pos[:n] = pos[len(pos) - n:]
-        self.window_len = n
-        self._c.window_head = n % self.window_cap
-
     def rope(self, layer: int) -> RopeParams | None:
         """The rope of a layer's query, None for a layer without rope."""
         if self.layout is not None and self.layout.layers[layer] is not None and not self.layout.layers[layer].has_rope:
@@ -283,19 +349,6 @@ class Capture:
             raise CaptureError(f"no ROPE node of layer {layer} has been observed yet")
         factors = self.rope_factors[layer] if self.rope_has_factors[layer] else None
         return RopeParams.from_op_params(self.rope_params[layer], factors)
-
-    def state_arrays(self) -> dict:
-        """Everything captured, as named arrays (snapshots and saved states)."""
-        q, pos = self.recent_queries()
-        return {**self.stats.arrays(), "window_q": q.copy(), "window_pos": pos,
-                "rope_params": self.rope_params.copy(), "rope_factors": self.rope_factors.copy(),
-                "rope_has_factors": self.rope_has_factors.copy(), "rope_seen": self.rope_seen.copy()}
-
-    def load_state_arrays(self, arrays: dict) -> None:
-        self.stats.restore(arrays)
-        self.set_recent_queries(arrays["window_q"], arrays["window_pos"])
-        for k in ("rope_params", "rope_factors", "rope_has_factors", "rope_seen"):
-            getattr(self, k)[:] = arrays[k]
 
     # -- probe (tests, debugging) ----------------------------------------------------------
     def set_probe(self, name: str, op: int, max_floats: int) -> None:

@@ -10,10 +10,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import os
+import re
 import time
 import uuid
 
 import llama_cpp
+import numpy as np
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -24,9 +28,68 @@ from starlette.routing import Route
 
 from .errors import LlamaKVError
 from .scoring import PRESSES
-from .server import _FILENAME, ApiError, Engine, Job, KVParams, _bad, _common_prefix, _number, sampling_from
+from .generation import Sampling
+from .server_engine import ApiError, Engine, Job, KVParams, bad_request, common_prefix
 
 log = logging.getLogger("llamakv.server")
+
+FILENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+
+
+def number_field(body: dict, names: tuple[str, ...], default, kind=float, lo=None, hi=None):
+    for name in names:
+        if name in body and body[name] is not None:
+            v = body[name]
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or float(v).is_integer())
+            if not ok or (isinstance(v, float) and math.isnan(v)):
+                raise bad_request(f"{name} must be {'an integer' if kind is int else 'a number'}, got {v!r}")
+            v = kind(v)
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                raise bad_request(f"{name} must be in [{lo}, {hi}], got {v!r}")
+            return v
+    return default
+
+
+def sampling_from(body: dict, args, api: str) -> Sampling:
+    """Sampling settings of a request; `api` "chat", "text" (OpenAI's chat and legacy completions)
+    or "native" (llama-server's /completion) says how token probabilities are asked for."""
+    stop = body.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise bad_request("stop must be a string or a list of non-empty strings")
+    n = number_field(body, ("max_completion_tokens", "max_tokens", "n_predict"), args.n_predict, int, lo=-1)
+    if body.get("n", 1) != 1:
+        raise bad_request("only n = 1 is supported")
+    seed = number_field(body, ("seed",), args.seed, int)
+    want, n_probs = probs_wanted(body, api)
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise bad_request("ignore_eos must be true or false")
+    return Sampling(logprobs=want, n_probs=n_probs, ignore_eos=ignore_eos, max_tokens=n if n >= 0 else -1,
+                    temperature=number_field(body, ("temperature",), args.temp, lo=0.0),
+                    top_k=number_field(body, ("top_k",), args.top_k, int, lo=0),
+                    top_p=number_field(body, ("top_p",), args.top_p, lo=0.0, hi=1.0),
+                    min_p=number_field(body, ("min_p",), args.min_p, lo=0.0, hi=1.0),
+                    seed=seed if seed >= 0 else int.from_bytes(os.urandom(4), "little"), stop=stop)
+
+
+def probs_wanted(body: dict, api: str) -> tuple[bool, int]:
+    """(report the sampled tokens' log-probabilities, how many alternatives with each)."""
+    if api == "chat":
+        lp = body.get("logprobs")
+        if lp is not None and not isinstance(lp, bool):
+            raise bad_request("logprobs must be true or false")
+        top = number_field(body, ("top_logprobs",), 0, int, lo=0, hi=20)
+        if top and not lp:
+            raise bad_request("top_logprobs requires logprobs to be true")
+        return bool(lp), top
+    if api == "text":
+        top = number_field(body, ("logprobs",), None, int, lo=0, hi=20)
+        return top is not None, top or 0
+    top = number_field(body, ("n_probs",), 0, int, lo=0, hi=100)
+    return top > 0, top
+
 
 
 def create_app(engine: Engine, api_key: str | None = None):
@@ -40,16 +103,16 @@ def create_app(engine: Engine, api_key: str | None = None):
         try:
             body = json.loads(raw or b"{}")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise _bad(f"the body is not valid JSON: {e}") from None
+            raise bad_request(f"the body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
-            raise _bad("the body must be a JSON object")
+            raise bad_request("the body must be a JSON object")
         return body
 
     def check_model(body: dict) -> None:
         name = body.get("model")
         if not isinstance(name, (str, type(None))):
-            raise _bad("model must be a string")
-        if name and name not in engine.model_names and not args.accept_any_model:
+            raise bad_request("model must be a string")
+        if name and name not in engine.model_names and args.strict_model:
             raise ApiError(404, f"the model {name!r} does not exist; this server serves {engine.model_name!r} "
                                 "(see /v1/models)", "not_found_error")
 
@@ -89,56 +152,56 @@ def create_app(engine: Engine, api_key: str | None = None):
             prompt = prompt[0]
         if isinstance(prompt, str):
             if not prompt:
-                raise _bad("the prompt is empty")
+                raise bad_request("the prompt is empty")
             return await asyncio.to_thread(engine.tokenize, prompt)
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             n_vocab = llama_cpp.llama_vocab_n_tokens(engine.vocab)
             if not all(0 <= t < n_vocab for t in prompt):
-                raise _bad(f"token ids must be in [0, {n_vocab})")
+                raise bad_request(f"token ids must be in [0, {n_vocab})")
             return list(prompt)
-        raise _bad("prompt must be a non-empty string, a list of token ids, or a list of one of those")
+        raise bad_request("prompt must be a non-empty string, a list of token ids, or a list of one of those")
 
     async def chat_tokens(body: dict) -> tuple[list[int], int | None]:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise _bad("messages must be a non-empty list")
+            raise bad_request("messages must be a non-empty list")
         clean = []
         for i, msg in enumerate(messages):
             if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
-                raise _bad(f"messages[{i}] must be an object with a string role")
+                raise bad_request(f"messages[{i}] must be an object with a string role")
             content = msg.get("content")
             if isinstance(content, list):
                 if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                            for p in content):
-                    raise _bad(f"messages[{i}].content: only text parts are supported")
+                    raise bad_request(f"messages[{i}].content: only text parts are supported")
                 content = "".join(p["text"] for p in content)
             elif content is not None and not isinstance(content, str):
-                raise _bad(f"messages[{i}].content must be a string, a list of text parts, or null")
+                raise bad_request(f"messages[{i}].content must be a string, a list of text parts, or null")
             clean.append({"role": msg["role"], "content": content or ""})
         try:
-            text = engine.session.chat_prompt(clean)
+            text = engine.context.chat_prompt(clean)
             # where the last user message begins: the query-agnostic mode compresses before it
             last = max((i for i, msg in enumerate(clean) if msg["role"] == "user"), default=0)
-            before = engine.session.chat_prompt(clean[:last], add_generation_prompt=False) if last else ""
+            before = engine.context.chat_prompt(clean[:last], add_generation_prompt=False) if last else ""
         except LlamaKVError as e:
-            raise _bad(str(e)) from e
+            raise bad_request(str(e)) from e
         except Exception as e:  # jinja2 raises its own errors on messages the template refuses
-            raise _bad(f"the chat template refused the messages: {e}") from e
+            raise bad_request(f"the chat template refused the messages: {e}") from e
         tokens = await asyncio.to_thread(engine.tokenize, text)
         split = None
         if before:
-            split = _common_prefix(await asyncio.to_thread(engine.tokenize, before), tokens)
+            split = common_prefix(await asyncio.to_thread(engine.tokenize, before), tokens)
         return tokens, split if split and split < len(tokens) else None
 
-    def generation_job(body: dict, tokens: list[int], split: int | None) -> Job:
-        id_slot = _number(body, ("id_slot", "slot_id"), -1, int, lo=-1, hi=len(engine.slots) - 1)
+    def generation_job(body: dict, tokens: list[int], split: int | None, api: str) -> Job:
+        id_slot = number_field(body, ("id_slot", "slot_id"), -1, int, lo=-1, hi=len(engine.slots) - 1)
         cache_prompt = body.get("cache_prompt", True)
         if not isinstance(cache_prompt, bool):
-            raise _bad("cache_prompt must be true or false")
-        _number(body, ("n_keep",), 0, int, lo=-1)  # accepted; eviction takes the place of context shift
+            raise bad_request("cache_prompt must be true or false")
+        number_field(body, ("n_keep",), 0, int, lo=-1)  # accepted; eviction takes the place of context shift
         if not isinstance(body.get("stream", False), bool):
-            raise _bad("stream must be true or false")
-        return new_job("generate", tokens=tokens, split=split, sampling=sampling_from(body, args),
+            raise bad_request("stream must be true or false")
+        return new_job("generate", tokens=tokens, split=split, sampling=sampling_from(body, args, api),
                        kv=KVParams.from_body(body, engine.defaults), id_slot=id_slot, cache_prompt=cache_prompt)
 
     async def finish(request: Request, job: Job, shape, done_marker: bool = True):
@@ -192,19 +255,49 @@ def create_app(engine: Engine, api_key: str | None = None):
     def reason(d: dict) -> str:
         return "length" if d["finish_reason"] in ("length", "cancelled") else "stop"
 
+    def joined(state) -> str:
+        return "".join(p.text for p in state["text"])
+
+    def probs_of(pieces) -> list:
+        return [tp for p in pieces for tp in p.probs]
+
+    def token_entry(token: int, logprob: float) -> dict:
+        raw = engine.context.token_bytes(token)
+        return {"id": token, "token": raw.decode("utf-8", errors="replace"), "bytes": list(raw), "logprob": logprob}
+
+    def chat_logprobs(probs) -> dict | None:
+        """OpenAI's chat logprobs (llama-server's too: with the token ids)."""
+        if not probs:
+            return None
+        return {"content": [{**token_entry(tp.token, tp.logprob),
+                             "top_logprobs": [token_entry(t, lp) for t, lp in tp.top]} for tp in probs]}
+
+    def text_logprobs(probs, offset: int) -> dict | None:
+        """OpenAI's legacy completions logprobs: tokens, their logprobs, the alternatives, offsets."""
+        if not probs:
+            return None
+        texts = [engine.token_text(tp.token) for tp in probs]
+        offsets = list(np.cumsum([0] + [len(t) for t in texts[:-1]]) + offset)
+        return {"tokens": texts, "token_logprobs": [tp.logprob for tp in probs],
+                "top_logprobs": [{engine.token_text(t): lp for t, lp in tp.top} for tp in probs],
+                "text_offset": [int(o) for o in offsets]}
+
     def chat_shape(event, data, state):
         base = {"id": "chatcmpl-" + state["id"], "created": state["created"], "model": engine.model_name}
         if event == "done":
-            return {**base, "object": "chat.completion", "choices": [{
-                "index": 0, "message": {"role": "assistant", "content": "".join(state["text"])},
-                "finish_reason": reason(data)}], "usage": usage(data), "timings": data["timings"],
-                "llamakv": data["llamakv"]}
+            choice = {"index": 0, "message": {"role": "assistant", "content": joined(state)},
+                      "logprobs": chat_logprobs(probs_of(state["text"])), "finish_reason": reason(data)}
+            return {**base, "object": "chat.completion", "choices": [choice], "usage": usage(data),
+                    "timings": data["timings"], "llamakv": data["llamakv"]}
         chunk = {**base, "object": "chat.completion.chunk"}
         if event == "first":
             return {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                           "finish_reason": None}]}
         if event == "text":
-            return {**chunk, "choices": [{"index": 0, "delta": {"content": data}, "finish_reason": None}]}
+            choice = {"index": 0, "delta": {"content": data.text}, "finish_reason": None}
+            if data.probs:
+                choice["logprobs"] = chat_logprobs(data.probs)
+            return {**chunk, "choices": [choice]}
         return final_chunks(chunk, {"index": 0, "delta": {}, "finish_reason": reason(data)}, data, state)
 
     def final_chunks(chunk, choice, data, state):
@@ -218,13 +311,16 @@ def create_app(engine: Engine, api_key: str | None = None):
         base = {"id": "cmpl-" + state["id"], "object": "text_completion", "created": state["created"],
                 "model": engine.model_name}
         if event == "done":
-            return {**base, "choices": [{"index": 0, "text": "".join(state["text"]), "logprobs": None,
+            return {**base, "choices": [{"index": 0, "text": joined(state),
+                                         "logprobs": text_logprobs(probs_of(state["text"]), 0),
                                          "finish_reason": reason(data)}], "usage": usage(data),
                     "timings": data["timings"], "llamakv": data["llamakv"]}
         if event == "first":
             return None
         if event == "text":
-            return {**base, "choices": [{"index": 0, "text": data, "logprobs": None, "finish_reason": None}]}
+            lp = text_logprobs(data.probs, state.setdefault("offset", 0))
+            state["offset"] += len(data.text)
+            return {**base, "choices": [{"index": 0, "text": data.text, "logprobs": lp, "finish_reason": None}]}
         return final_chunks(base, {"index": 0, "text": "", "logprobs": None, "finish_reason": reason(data)},
                             data, state)
 
@@ -233,43 +329,49 @@ def create_app(engine: Engine, api_key: str | None = None):
         if event == "first":
             return None
         if event == "text":
-            return {"content": data, "stop": False, "id_slot": slot}
+            out = {"content": data.text, "stop": False, "id_slot": slot}
+            if data.probs:
+                out["completion_probabilities"] = chat_logprobs(data.probs)["content"]
+            return out
         stop_type = {"stop": "word" if data["stopping_word"] else "eos"}.get(data["finish_reason"], "limit")
-        final = {"content": "".join(state["text"]) if event == "done" else "", "stop": True, "id_slot": slot,
+        final = {"content": joined(state) if event == "done" else "", "stop": True, "id_slot": slot,
                  "model": engine.model_name, "tokens_predicted": data["n"],
                  "tokens_evaluated": data["prompt_tokens"], "tokens_cached": data["timings"]["cache_n"],
                  "stop_type": stop_type, "stopping_word": data["stopping_word"], "truncated": False,
                  "timings": data["timings"], "llamakv": data["llamakv"]}
+        probs = probs_of(state["text"])
+        if event == "done" and probs:
+            final["completion_probabilities"] = chat_logprobs(probs)["content"]
         return final if event == "done" else [final]
 
     async def chat(request: Request):
         body = request.state.body = await body_of(request)
         check_model(body)
         tokens, split = await chat_tokens(body)
-        return await finish(request, generation_job(body, tokens, split), chat_shape)
+        return await finish(request, generation_job(body, tokens, split, "chat"), chat_shape)
 
     async def completions(request: Request):
         body = request.state.body = await body_of(request)
         check_model(body)
         if "prompt" not in body:
-            raise _bad("prompt is required")
+            raise bad_request("prompt is required")
         if body.get("echo") or body.get("suffix") or body.get("best_of", 1) != 1:
-            raise _bad("echo, suffix and best_of are not supported")
+            raise bad_request("echo, suffix and best_of are not supported")
         tokens = await prompt_tokens(body["prompt"])
-        return await finish(request, generation_job(body, tokens, None), text_shape)
+        return await finish(request, generation_job(body, tokens, None, "text"), text_shape)
 
     async def completion(request: Request):
         body = request.state.body = await body_of(request)
         if "prompt" not in body:
-            raise _bad("prompt is required")
+            raise bad_request("prompt is required")
         tokens = await prompt_tokens(body["prompt"])
-        return await finish(request, generation_job(body, tokens, None), native_shape, done_marker=False)
+        return await finish(request, generation_job(body, tokens, None, "native"), native_shape, done_marker=False)
 
     async def tokenize(request: Request):
         body = await body_of(request)
         content = body.get("content")
         if not isinstance(content, str):
-            raise _bad("content must be a string")
+            raise bad_request("content must be a string")
         add_special = body.get("add_special", False)
         parse_special = body.get("parse_special", True)
         toks = await asyncio.to_thread(engine.tokenize, content, bool(add_special), bool(parse_special))
@@ -283,7 +385,7 @@ def create_app(engine: Engine, api_key: str | None = None):
         n_vocab = llama_cpp.llama_vocab_n_tokens(engine.vocab)
         if not isinstance(toks, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < n_vocab
                                                  for t in toks):
-            raise _bad(f"tokens must be a list of token ids in [0, {n_vocab})")
+            raise bad_request(f"tokens must be a list of token ids in [0, {n_vocab})")
         return JSONResponse({"content": engine.detokenize(toks)})
 
     async def health(request: Request):
@@ -292,14 +394,14 @@ def create_app(engine: Engine, api_key: str | None = None):
     async def models(request: Request):
         return JSONResponse({"object": "list", "data": [{
             "id": engine.model_name, "object": "model", "created": engine.created, "owned_by": "llamakv",
-            "meta": {"n_ctx": engine.session.n_ctx, "path": str(engine.model_path),
-                     "architecture": engine.session.architecture}}]})
+            "meta": {"n_ctx": engine.context.n_ctx, "n_ctx_slot": engine.n_ctx_slot,
+                     "path": str(engine.model_path), "architecture": engine.context.architecture}}]})
 
     async def props(request: Request):
         d = engine.defaults
         return JSONResponse({
             "default_generation_settings": {
-                "n_ctx": engine.session.n_ctx, "model": engine.model_name,
+                "n_ctx": engine.n_ctx_slot, "model": engine.model_name,
                 "params": {"n_predict": args.n_predict, "temperature": args.temp, "top_k": args.top_k,
                            "top_p": args.top_p, "min_p": args.min_p, "seed": args.seed}},
             "total_slots": len(engine.slots), "model_path": str(engine.model_path),
@@ -320,19 +422,19 @@ def create_app(engine: Engine, api_key: str | None = None):
         try:
             id_slot = int(request.path_params["id"])
         except ValueError:
-            raise _bad("the slot id must be an integer") from None
+            raise bad_request("the slot id must be an integer") from None
         if not 0 <= id_slot < len(engine.slots):
             raise ApiError(404, f"no slot {id_slot} (slots 0..{len(engine.slots) - 1})", "not_found_error")
         action = request.query_params.get("action")
         if action not in ("save", "restore", "erase"):
-            raise _bad("action must be save, restore or erase (POST /slots/ID?action=save)")
+            raise bad_request("action must be save, restore or erase (POST /slots/ID?action=save)")
         filename = ""
         if action != "erase":
             if not args.slot_save_path:
                 raise ApiError(501, "slot save / restore needs --slot-save-path", "not_supported_error")
             filename = (await body_of(request)).get("filename")
-            if not isinstance(filename, str) or not _FILENAME.match(filename):
-                raise _bad("filename must be a plain file name (letters, digits, '.', '_', '-'; no folders)")
+            if not isinstance(filename, str) or not FILENAME.match(filename):
+                raise bad_request("filename must be a plain file name (letters, digits, '.', '_', '-'; no folders)")
         data = await run_job(new_job(action, id_slot=id_slot, filename=filename), request)
         return JSONResponse(data)
 

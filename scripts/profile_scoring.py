@@ -26,8 +26,8 @@ doc = Path(llamakv.__file__).parent / "data" / "sample_document.txt"
 t = s.tokenize(doc.read_text())
 t = (t * (n // len(t) + 1))[:n]
 s.prefill(t)
-s.cache.get_state(s._state_in)  # the first read allocates the pinned buffer
-raw = s.cache.get_state(s._state_in)
+s.cache.get_state(s.context.state_in)  # the first read allocates the pinned buffer
+raw = s.cache.get_state(s.context.state_in)
 press = make_press("expected_attention")
 
 

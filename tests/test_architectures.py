@@ -106,7 +106,7 @@ def test_statistics_equal_numpy(arch_session):
     a = s.layout.layers[layer]
     q = probe_chunks(s, a.query_node, a.query_op, tokens, 37).astype(np.float64)
     rows = q[s.n_sink:]
-    st = s.capture.stats
+    st = s.queries.stats
     assert st.count[layer] == len(rows)
     np.testing.assert_allclose(st.mean[layer], rows.mean(axis=0), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(st.variance()[layer], rows.var(axis=0), rtol=1e-5, atol=1e-7)
@@ -161,8 +161,8 @@ def test_compression_keeps_the_cells_of_the_numpy_reference(arch_session):
     sinks = sink_logits(s.path, s.n_layer)
     shares = []
     for j, layer in enumerate(s.scored_layers):
-        sc = dense_layer_scores(inputs.keys[:, j], inputs.vnorm[:, j], mask, s.capture.stats.mean[layer],
-                                s.capture.stats.variance()[layer], s.capture.rope(layer), s.next_pos, 512,
+        sc = dense_layer_scores(inputs.keys[:, j], inputs.vnorm[:, j], mask, s.queries.stats.mean[layer],
+                                s.queries.stats.variance()[layer], s.capture.rope(layer), s.next_pos, 512,
                                 lay.attn_scale, lay.attn_softcap or 0.0, sinks.get(layer))
         shares.append(sc / sc.sum(axis=1, keepdims=True))
     cell = np.mean(np.concatenate(shares), axis=0)  # each (layer, head) row normalised, then the mean

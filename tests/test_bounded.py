@@ -59,13 +59,15 @@ def test_sampled_statistics_exist_at_every_compression(tiny):
     tiny.reset()
     tiny.stats_sample = 64
     counts = []
-    compress_to = tiny.compress_to
-    tiny.compress_to = lambda target, **kw: (counts.append(tiny.capture.stats.count.max()), compress_to(target, **kw))[1]
+    compressor = tiny.compressor
+    compress_to = compressor.compress_to
+    compressor.compress_to = lambda seq, target, **kw: (counts.append(seq.queries.stats.count.max()),
+                                                        compress_to(seq, target, **kw))[1]
     try:
         tiny.prefill(list(range(300, 300 + 3 * 256)), budget=256, target=128)
     finally:
         tiny.stats_sample = 2048
-        del tiny.compress_to
+        del compressor.compress_to
     assert len(counts) == len(tiny.reports) >= 4
     assert all(c > 0 for c in counts) and counts == sorted(counts)
     assert counts[-1] < 3 * 256 / 2  # a sample: far fewer than every query
@@ -112,7 +114,7 @@ def test_generation_twice_the_cache(tiny):
     assert len(tiny.reports) >= 2
     check_cache(tiny, 256)
     # the statistics of the last compression came from the buffer of generated queries only
-    assert tiny.capture.stats.count.max() <= 32 + 1
+    assert tiny.queries.stats.count.max() <= 32 + 1
 
 
 def test_generation_compresses_every_n_tokens(tiny):

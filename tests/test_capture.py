@@ -52,20 +52,20 @@ def test_value_norms_read_from_the_cache(fresh_any, text_tokens):
 
 def test_window_holds_the_most_recent_queries(fresh_any, text_tokens):
     q = probe_per_decode(fresh_any, f"Qcur-{LAYER}", "RESHAPE", text_tokens, 50)
-    window, pos = fresh_any.capture.recent_queries()
-    w = fresh_any.capture.window_cap
+    window, pos = fresh_any.queries.recent_queries()
+    w = fresh_any.queries.window_cap
     assert window.shape[1] == len(pos) == w
     np.testing.assert_array_equal(pos, np.arange(len(text_tokens) - w, len(text_tokens)))
     np.testing.assert_array_equal(window[LAYER], q[-w:])
     fresh_any.prefill(text_tokens[:3])  # one more decode call: the ring moves by 3
-    window, pos = fresh_any.capture.recent_queries()
+    window, pos = fresh_any.queries.recent_queries()
     assert pos[-1] == len(text_tokens) + 2 and pos[0] == len(text_tokens) + 3 - w
     np.testing.assert_array_equal(window[LAYER, :-3], q[-w + 3:])
 
 
 def test_statistics_equal_numpy_over_several_decode_calls(fresh_any, text_tokens):
     q = probe_per_decode(fresh_any, f"Qcur-{LAYER}", "RESHAPE", text_tokens, 37).astype(np.float64)
-    stats = fresh_any.capture.stats
+    stats = fresh_any.queries.stats
     rows = q[fresh_any.n_sink:]  # sinks are left out
     assert stats.count[LAYER] == len(rows)
     np.testing.assert_allclose(stats.mean[LAYER], rows.mean(axis=0), rtol=1e-9, atol=1e-9)
@@ -88,7 +88,7 @@ def test_statistics_from_an_even_sample_of_a_long_prompt(fresh_any, text_tokens)
             fresh_any.prefill(tokens)
         finally:
             fresh_any.stats_sample, fresh_any.stats_window = 2048, None
-        stats = fresh_any.capture.stats
+        stats = fresh_any.queries.stats
         assert stats.count[LAYER] == len(rows)
         np.testing.assert_allclose(stats.mean[LAYER], rows.mean(axis=0), rtol=1e-9, atol=1e-9)
         np.testing.assert_allclose(stats.variance()[LAYER], rows.var(axis=0), rtol=1e-7, atol=1e-9)
@@ -105,10 +105,10 @@ def test_statistics_from_the_last_tokens_of_a_prefill(fresh_any, text_tokens):
         fresh_any.prefill(tokens)
     finally:
         fresh_any.stats_window = None
-    assert fresh_any._switch.switchable  # llama.cpp as expected: the callback can be switched off
+    assert fresh_any.context.switch.switchable  # llama.cpp as expected: the callback can be switched off
     # the callback ran for the last ubatch only (window and statistics), once per layer
     assert fresh_any.capture.n_observed - observed == fresh_any.n_layer
-    stats = fresh_any.capture.stats
+    stats = fresh_any.queries.stats
     assert stats.count[LAYER] == 30
     np.testing.assert_allclose(stats.mean[LAYER], q[-30:].mean(axis=0), rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(stats.variance()[LAYER], q[-30:].var(axis=0), rtol=1e-7, atol=1e-9)
@@ -122,12 +122,12 @@ def test_capture_switches_off_and_resets(fresh_any, text_tokens):
     finally:
         fresh_any.capture.enabled = True
     assert fresh_any.capture.n_observed == observed
-    assert fresh_any.capture.stats.count.sum() == 0 and fresh_any.capture.window_len == 0
+    assert fresh_any.queries.stats.count.sum() == 0 and fresh_any.queries.window_len == 0
     fresh_any.prefill(text_tokens[50:100])
-    assert (fresh_any.capture.stats.count == 50).all()
+    assert (fresh_any.queries.stats.count == 50).all()
     assert fresh_any.n_cells == 100
-    fresh_any.capture.reset()
-    assert fresh_any.capture.stats.count.sum() == 0 and fresh_any.capture.window_len == 0
+    fresh_any.queries.reset()
+    assert fresh_any.queries.stats.count.sum() == 0 and fresh_any.queries.window_len == 0
 
 
 def test_full_covariance_matches_numpy(tiny_gguf):
@@ -138,4 +138,4 @@ def test_full_covariance_matches_numpy(tiny_gguf):
     q = probe_per_decode(s, "Qcur-1", "RESHAPE", toks, 16).astype(np.float64)[s.n_sink:]
     centered = q - q.mean(axis=0)
     cov = np.einsum("thi,thj->hij", centered, centered) / len(q)
-    np.testing.assert_allclose(s.capture.stats.covariance()[1], cov, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(s.queries.stats.covariance()[1], cov, rtol=1e-8, atol=1e-10)

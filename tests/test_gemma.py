@@ -106,7 +106,7 @@ def test_server_finds_the_needle_at_half_the_cache(tmp_path):
         r = httpx.post(srv["url"] + "/completion", timeout=600, json={
             "prompt": CONTEXT + TAIL, "n_predict": 12, "temperature": 0,
             "llamakv": {"ratio": 0.5, "min_tokens": 0}}).json()
-    assert NEEDLE in r["content"]
+    assert NEEDLE in r.get("content", ""), r
     comp = r["llamakv"]["compression"]
     assert comp["evicted"] > 1000 and comp["cells_after"] < 0.55 * comp["cells_before"]
 

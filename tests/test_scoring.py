@@ -53,7 +53,7 @@ def dense_reference(keys, vnorm, mask, mean, var, rope, next_pos, n_future, eps)
 def reference_scores(session, layer, n_future, eps):
     inputs = session.score_inputs()
     return dense_reference(inputs.keys[:, layer], inputs.vnorm[:, layer], inputs.pos >= session.n_sink,
-                           session.capture.stats.mean[layer], session.capture.stats.variance()[layer],
+                           session.queries.stats.mean[layer], session.queries.stats.variance()[layer],
                            session.capture.rope(layer), session.next_pos, n_future, eps)
 
 
@@ -130,8 +130,8 @@ def test_closed_form_matches_monte_carlo(prefilled):
     d = prefilled.head_dim
     rope = prefilled.capture.rope(layer)
     R_bar = sum(rotation_matrix(rope, t, d) for t in range(prefilled.next_pos, prefilled.next_pos + 128)) / 128
-    mu = R_bar @ prefilled.capture.stats.mean[layer, h]
-    cov = R_bar @ np.diag(prefilled.capture.stats.variance()[layer, h]) @ R_bar.T
+    mu = R_bar @ prefilled.queries.stats.mean[layer, h]
+    cov = R_bar @ np.diag(prefilled.queries.stats.variance()[layer, h]) @ R_bar.T
     rng = np.random.default_rng(0)
     q = rng.multivariate_normal(mu, cov, size=400_000)
     group = prefilled.n_head // prefilled.n_head_kv

@@ -31,12 +31,12 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(tmp: Path, *extra: str, model: str = "smollm2-135m-instruct"):
+def running_server(tmp: Path, *extra: str, model: str = "smollm2-135m-instruct", ctx: int = 4096):
     """`llamakv serve` as a subprocess on a free loopback port, up when /health answers."""
     port = _free_port()
     log = tmp / f"server-{port}.log"
     # one thread: on a loaded 2-core machine, two threads spinning on each other decode 5-10x slower
-    cmd = [sys.executable, "-m", "llamakv.cli", "serve", "-m", model, "-c", "4096",
+    cmd = [sys.executable, "-m", "llamakv.cli", "serve", "-m", model, "-c", str(ctx),
            "--port", str(port), "-t", "1", *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with open(log, "wb") as out:
@@ -69,7 +69,9 @@ def running_server(tmp: Path, *extra: str, model: str = "smollm2-135m-instruct")
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     save_dir = tmp_path_factory.mktemp("slots")
-    with running_server(tmp_path_factory.mktemp("log"), "-np", "2", "--slot-save-path", str(save_dir)) as srv:
+    # two slots of 4096 cells each (llama.cpp divides the context between them)
+    with running_server(tmp_path_factory.mktemp("log"), "-np", "2", "--slot-save-path", str(save_dir),
+                        ctx=8192) as srv:
         srv["model"] = httpx.get(srv["url"] + "/v1/models").json()["data"][0]["id"]
         srv["save_dir"] = save_dir
         yield srv
@@ -175,7 +177,6 @@ def test_errors_are_json_4xx_and_the_server_survives(server):
                      headers={"content-type": "application/json"})
     assert bad.status_code == 400 and "JSON" in bad.json()["error"]["message"]
     cases = [
-        ("/v1/chat/completions", {"model": "no-such-model", "messages": QUESTION}, 404),
         ("/v1/chat/completions", {"messages": "hello"}, 400),
         ("/v1/chat/completions", {"messages": QUESTION, "llamakv": {"ratio": 1.5}}, 400),
         ("/v1/chat/completions", {"messages": QUESTION, "llamakv": {"method": "magic"}}, 400),
@@ -227,11 +228,12 @@ def test_compression_and_prefix_reuse_after_eviction(server, client):
     assert cached == history(r1.usage.prompt_tokens, r1.usage.completion_tokens, r1.choices[0].finish_reason == "stop")
     assert r2.model_extra["timings"]["prompt_n"] == r2.usage.prompt_tokens - cached
     assert r2.model_extra["timings"]["prompt_n"] < 40
-    slot = next(s for s in httpx.get(server["url"] + "/slots").json() if s["loaded"])
+    slots = httpx.get(server["url"] + "/slots").json()
+    slot = max(slots, key=lambda s: s["id_task"])  # the one that served the last request
     assert slot["n_past"] == history(r2.usage.prompt_tokens, r2.usage.completion_tokens,
                                      r2.choices[0].finish_reason == "stop")
     assert slot["n_cells"] < slot["n_past"] * 0.7  # the conversation lives compressed
-    assert metrics(server)["llamakv:kv_cells_used"] == slot["n_cells"]
+    assert metrics(server)["llamakv:kv_cells_used"] == sum(s["n_cells"] for s in slots)
     # query-agnostic (the default): the earlier turns were compressed before the new question came in
     comp2 = r2.model_extra["llamakv"]["compression"]
     assert comp2["before_last_message"] is True
@@ -355,3 +357,133 @@ def test_api_key(tmp_path):
         assert [m.id for m in ok.models.list()] == ["tiny"]
         r = ok.chat.completions.create(model="tiny", messages=QUESTION, temperature=0, max_tokens=3)
         assert r.usage.completion_tokens == 3
+
+
+# -- four slots decoded together ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server4(tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("slots4")
+    with running_server(tmp_path_factory.mktemp("log4"), "-np", "4", "--slot-save-path", str(save_dir),
+                        ctx=4 * 2048) as srv:
+        srv["model"] = httpx.get(srv["url"] + "/v1/models").json()["data"][0]["id"]
+        yield srv
+
+
+def _client(server):
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key="x", max_retries=0, timeout=300)
+
+
+def _stream_chat(server, content: str, max_tokens: int, **extra) -> str:
+    chunks = _client(server).chat.completions.create(
+        model="any-name", messages=[{"role": "user", "content": content}], temperature=0, max_tokens=max_tokens,
+        stream=True, extra_body={"cache_prompt": False, **extra})
+    return "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+
+
+def test_four_concurrent_streams_each_equal_their_answer_alone(server4):
+    """Four chat streams at once, through the official client: each is its greedy answer alone,
+    and the slots share decode calls (far fewer llama_decode calls than tokens)."""
+    topics = ["the sea", "a mountain", "the moon", "a forest"]
+    prompts = [f"Write one sentence about {t}." for t in topics]
+    alone = [_stream_chat(server4, p, 24) for p in prompts]
+    before = metrics(server4)
+    with ThreadPoolExecutor(4) as pool:
+        together = [f.result(timeout=300) for f in [pool.submit(_stream_chat, server4, p, 24) for p in prompts]]
+    after = metrics(server4)
+    assert together == alone
+    assert len(set(together)) == 4
+    tokens = after["llamacpp:tokens_predicted_total"] - before["llamacpp:tokens_predicted_total"]
+    calls = after["llamacpp:n_decode_total"] - before["llamacpp:n_decode_total"]
+    assert tokens >= 40 and calls < 0.75 * tokens, (calls, tokens)
+    wait_idle(server4)
+
+
+def test_a_compression_in_one_slot_leaves_another_slot_unchanged(server4):
+    short = "Count from one to twenty in words."
+    alone = _stream_chat(server4, short, 40)
+    doc, question, _ = needle_prompt(n_repeats=8, at=3)
+    long_body = {"prompt": doc + " " + question, "n_predict": 8, "temperature": 0, "cache_prompt": False,
+                 "llamakv": {"ratio": 0.5, "min_tokens": 0}}
+    with ThreadPoolExecutor(2) as pool:
+        f_short = pool.submit(_stream_chat, server4, short, 40)
+        time.sleep(0.3)  # the short answer is under way when the long prompt arrives
+        f_long = pool.submit(post, server4, "/completion", long_body)
+        compressed = f_long.result(timeout=300).json()
+        assert f_short.result(timeout=300) == alone
+    comp = compressed["llamakv"]["compression"]
+    assert comp and comp["evicted"] > 0.3 * compressed["tokens_evaluated"]
+
+
+def test_a_client_leaving_frees_its_slot_while_the_others_go_on(server4):
+    other = "Name the planets of the solar system."
+    alone = _stream_chat(server4, other, 32)
+    body = {"prompt": "Once upon a time", "n_predict": 400, "temperature": 0, "stream": True}
+    before = metrics(server4)["llamacpp:tokens_predicted_total"]
+    with ThreadPoolExecutor(1) as pool:
+        with httpx.stream("POST", server4["url"] + "/completion", json=body, timeout=120) as resp:
+            f = pool.submit(_stream_chat, server4, other, 32)
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    break  # leave after the first chunk: the connection is closed
+        assert f.result(timeout=300) == alone
+    wait_idle(server4)
+    assert metrics(server4)["llamacpp:tokens_predicted_total"] - before < 400 + 32
+
+
+def test_a_slot_saved_and_restored_into_another_continues_identically(server4):
+    doc, question, _ = needle_prompt(n_repeats=6, at=2)
+    kv = {"ratio": 0.5, "min_tokens": 0}
+    r = post(server4, "/completion", {"prompt": doc, "n_predict": 4, "temperature": 0, "id_slot": 0,
+                                      "cache_prompt": False, "llamakv": kv}).json()
+    assert r["llamakv"]["compression"]["evicted"] > 0
+    saved = post(server4, "/slots/0?action=save", {"filename": "moved.llamakv"}).json()
+    restored = post(server4, "/slots/2?action=restore", {"filename": "moved.llamakv"}).json()
+    assert restored["n_restored"] == saved["n_saved"] and restored["n_cells"] == saved["n_cells"]
+    follow = {"prompt": doc + r["content"] + " " + question, "n_predict": 12, "temperature": 0,
+              "llamakv": {"ratio": 0}}
+    on_2 = post(server4, "/completion", {**follow, "id_slot": 2}).json()
+    on_0 = post(server4, "/completion", {**follow, "id_slot": 0}).json()
+    assert on_2["tokens_cached"] == on_0["tokens_cached"] >= saved["n_saved"] - 1
+    assert on_2["content"] == on_0["content"]
+
+
+def test_token_log_probabilities(server4):
+    client = _client(server4)
+    # fresh prefills: llama.cpp's logits of a prompt's last token decoded alone (a reused prefix)
+    # differ from those of the whole prompt decoded at once by up to ~0.7 in log-probability
+    fresh = {"cache_prompt": False}
+    r = client.chat.completions.create(model="whatever", messages=QUESTION, temperature=0, max_tokens=6,
+                                       logprobs=True, top_logprobs=3, extra_body=fresh)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert "".join(c.token for c in content) == r.choices[0].message.content
+    for c in content:
+        tops = [t.logprob for t in c.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and tops[0] <= 0
+        assert c.top_logprobs[0].token == c.token and c.logprob == pytest.approx(tops[0])  # greedy
+    streamed = client.chat.completions.create(model="whatever", messages=QUESTION, temperature=0, max_tokens=6,
+                                              logprobs=True, top_logprobs=2, stream=True, extra_body=fresh)
+    lps = [c.logprob for ch in streamed if ch.choices and ch.choices[0].logprobs
+           for c in ch.choices[0].logprobs.content]
+    assert lps == pytest.approx([c.logprob for c in content], abs=1e-4)
+    text = client.completions.create(model="whatever", prompt="The capital of France is", temperature=0,
+                                     max_tokens=4, logprobs=2, extra_body=fresh)
+    lp = text.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == text.usage.completion_tokens
+    assert "".join(lp.tokens) == text.choices[0].text and lp.text_offset[0] == 0
+    native = post(server4, "/completion", {"prompt": "The capital of France is", "n_predict": 4,
+                                           "temperature": 0, "n_probs": 5, **fresh}).json()
+    probs = native["completion_probabilities"]
+    assert len(probs) == native["tokens_predicted"] and all(len(p["top_logprobs"]) == 5 for p in probs)
+    assert [p["logprob"] for p in probs] == pytest.approx(lp.token_logprobs, abs=1e-4)
+    assert post(server4, "/v1/chat/completions", {"messages": QUESTION, "top_logprobs": 2}).status_code == 400
+
+
+def test_the_model_field_is_ignored_unless_strict(server4, tmp_path):
+    r = post(server4, "/v1/chat/completions", {"model": "x", "messages": QUESTION, "max_tokens": 2})
+    assert r.status_code == 200
+    with running_server(tmp_path, "--strict-model", "-a", "tiny") as srv:
+        r = post(srv, "/v1/chat/completions", {"model": "x", "messages": QUESTION, "max_tokens": 2})
+        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+        assert post(srv, "/v1/chat/completions", {"model": "tiny", "messages": QUESTION,
+                                                  "max_tokens": 2}).status_code == 200

@@ -74,8 +74,8 @@ def test_question_guided_compression_leaves_no_trace_of_the_question(needle_sess
     s, snap, question, answer = needle_session
     s.restore(snap)
     n, next_pos = s.n_cells, s.next_pos
-    count = s.capture.stats.count.copy()
-    recent_q, recent_pos = s.capture.recent_queries()
+    count = s.queries.stats.count.copy()
+    recent_q, recent_pos = s.queries.recent_queries()
     q = s.tokenize(question)
     report = s.compress(0.5, question=q)
     assert report.question_tokens == len(q) and report.method == "ea_keydiff+question"
@@ -84,8 +84,8 @@ def test_question_guided_compression_leaves_no_trace_of_the_question(needle_sess
     np.testing.assert_array_equal(np.sort(held), s.positions)
     assert s.next_pos == next_pos and held.max() == next_pos - 1  # the newest prompt cell, not the question's
     assert report.kv_bytes_after == s.cache.state_size()
-    np.testing.assert_array_equal(s.capture.stats.count, count)  # the question fed no statistics
-    q_after, pos_after = s.capture.recent_queries()
+    np.testing.assert_array_equal(s.queries.stats.count, count)  # the question fed no statistics
+    q_after, pos_after = s.queries.recent_queries()
     np.testing.assert_array_equal(pos_after, recent_pos)
     np.testing.assert_array_equal(q_after, recent_q)
     with pytest.raises(ValueError, match="nothing to continue from"):
@@ -174,7 +174,7 @@ def test_wraps_an_existing_llama_with_one_context():
     assert llama._ctx.ctx is s.ctx and s.ctx is not old_ctx
     s.prefill("Paris is the capital of France. " * 20)
     n = s.n_cells
-    assert n > 0 and (s.capture.stats.count == n - s.n_sink).all()
+    assert n > 0 and (s.queries.stats.count == n - s.n_sink).all()
     report = s.compress(0.5)
     assert report.cells_after == s.n_cells < n
     assert s.generate(" France", max_tokens=4)
