@@ -172,28 +172,48 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 class Engine:
     def __init__(self, args, defaults: KVParams):
         self.args, self.defaults = args, defaults
-        type_k = getattr(llama_cpp, "GGML_TYPE_" + CACHE_TYPES[args.cache_type_k])
-        type_v = getattr(llama_cpp, "GGML_TYPE_" + CACHE_TYPES[args.cache_type_v])
         self.model_path = resolve_model(args.model)
-        self.llama = open_llama(args.model, n_ctx=args.ctx_size, n_gpu_layers=args.n_gpu_layers,
-                                n_threads=args.threads, flash_attn=args.flash_attn == "on", n_batch=args.batch_size,
-                                type_k=type_k, type_v=type_v, verbose=args.verbose)
-        self.context = Context(self.llama, n_seq=args.parallel, n_sink=args.kv_n_sink)
         self.model_name = args.alias or self.model_path.name
         self.model_names = {self.model_name, self.model_path.name, self.model_path.stem, str(self.model_path)}
         if args.model:
             self.model_names.add(args.model)
-        self.vocab = self.context.vocab
-        self.slots = [Slot(i, Sequence(self.context, i)) for i in range(args.parallel)]
         self.metrics = Metrics()
         self.compressors: dict[str, Compressor] = {}
         self.jobs: queue.Queue = queue.Queue()
         self.waiting: list[Job] = []
         self.n_task = 0
         self.created = int(time.time())
-        self._stopping = False
-        self.thread = threading.Thread(target=self._work, name="llamakv-inference", daemon=True)
+        # the model is loaded and every llama.cpp call made on the inference thread: llama.cpp's
+        # OpenMP threads, once started by one thread, made decode calls from another 3x slower
+        # (SmolLM2, 2 threads: 33 ms a token instead of 11)
+        self._ready = threading.Event()
+        self._load_error: BaseException | None = None
+        self.thread = threading.Thread(target=self._main, name="llamakv-inference", daemon=True)
         self.thread.start()
+        self._ready.wait()
+        if self._load_error is not None:
+            raise self._load_error
+
+    def _load(self) -> None:
+        args = self.args
+        type_k = getattr(llama_cpp, "GGML_TYPE_" + CACHE_TYPES[args.cache_type_k])
+        type_v = getattr(llama_cpp, "GGML_TYPE_" + CACHE_TYPES[args.cache_type_v])
+        self.llama = open_llama(args.model, n_ctx=args.ctx_size, n_gpu_layers=args.n_gpu_layers,
+                                n_threads=args.threads, flash_attn=args.flash_attn == "on", n_batch=args.batch_size,
+                                type_k=type_k, type_v=type_v, verbose=args.verbose)
+        self.context = Context(self.llama, n_seq=args.parallel, n_sink=args.kv_n_sink)
+        self.vocab = self.context.vocab
+        self.slots = [Slot(i, Sequence(self.context, i)) for i in range(args.parallel)]
+
+    def _main(self) -> None:
+        try:
+            self._load()
+        except BaseException as e:  # handed to the constructor, which raises it
+            self._load_error = e
+            return
+        finally:
+            self._ready.set()
+        self._work()
 
     @property
     def n_ctx_slot(self) -> int:
@@ -214,7 +234,6 @@ class Engine:
 
     def stop(self) -> None:
         """Cancel the running and the queued requests, then end the inference thread."""
-        self._stopping = True
         self.jobs.put(None)
         self.thread.join(timeout=30)
 

@@ -13,7 +13,7 @@ are known by index. This measures, for -np sequences:
   consecutive ids, against the same number of consecutive ones.
 Best of --repeat, milliseconds per step.
 
-    python scripts/bench_batching.py -np 4 --chunk 256 > benchmarks/batching_cpu.md
+    python scripts/bench_batching.py -np 4 --chunk 256
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ generated tokens per second, mean time to the first token, the wall time of the 
 its ratio to the N in a row.
 
     python scripts/bench_server.py --llama-server /path/to/llama-server -np 4 -c 8192 \\
-        --clients 1 2 4 8 > benchmarks/server_cpu.md
+        --clients 1 2 4 8
     python scripts/bench_server.py --model l8b.gguf --llama-server ./llama-server -ngl 99 -fa \\
         -np 8 -c 65536 --prompt-tokens 4096 --max-tokens 128
 """
@@ -57,6 +57,8 @@ def serving(kind: str, args, model: Path):
         common += ["-t", str(args.threads)]
     if kind == "llama-server":
         cmd = [args.llama_server, *common, "-fa", "on" if args.flash_attn else "off", "--no-webui"]
+        if args.no_repack:  # what llamakv.load_llama does where llama.cpp has AMX kernels (README: AMX)
+            cmd += ["--no-repack"]
         if args.threads:
             cmd += ["-tb", str(args.threads)]
     else:
@@ -143,6 +145,8 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--kv-ratio", type=float, default=0.0, help="llamakv's compression (default 0: none)")
+    ap.add_argument("--no-repack", action="store_true",
+                    help="llama-server without extra buffer types (its AMX matmul crashed on this project's CPU)")
     ap.add_argument("--servers", nargs="+", default=["llamakv", "llama-server"])
     ap.add_argument("--log-dir", default="/tmp")
     args = ap.parse_args()
