@@ -11,7 +11,7 @@ are known by index. This measures, for -np sequences:
   llama.cpp itself splits into two ubatches, against the two calls llamakv makes;
 - a step of sequences with a gap in their ids (0, 2, ...), which llama.cpp splits per run of
   consecutive ids, against the same number of consecutive ones.
-Best of --repeat, milliseconds per step.
+Each pair alternated, best of --repeat, milliseconds.
 
     python scripts/bench_batching.py -np 4 --chunk 256
 """
@@ -79,14 +79,16 @@ def main() -> int:
 
     P = args.context_tokens
 
-    def best(run, cleanup):
-        times = []
+    def pair(run_a, run_b, cleanup):
+        """Best times of two ways of doing the same work, alternated (ms)."""
+        ta, tb = [], []
         for _ in range(args.repeat):
-            t0 = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t0)
-            cleanup()
-        return min(times) * 1e3
+            for run, times in ((run_a, ta), (run_b, tb)):
+                t0 = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - t0)
+                cleanup()
+        return min(ta) * 1e3, min(tb) * 1e3
 
     def rm_after(seqs, pos=P):
         for s in seqs:
@@ -95,19 +97,20 @@ def main() -> int:
     reset()
     rows = []
     every = list(range(n))
-    one_call = best(lambda: decode([(s, [42], P) for s in every]), lambda: rm_after(every))
-    per_seq = best(lambda: [decode([(s, [42], P)]) for s in every], lambda: rm_after(every))
+    one_call, per_seq = pair(lambda: decode([(s, [42], P) for s in every]),
+                             lambda: [decode([(s, [42], P)]) for s in every], lambda: rm_after(every))
     rows.append((f"next token of {n} sequences", "one llama_decode", one_call, f"{n} calls, one per sequence", per_seq))
     chunk = [7 + i % 300 for i in range(args.chunk)]
     others = every[1:]
-    mixed = best(lambda: decode([(0, chunk, P)] + [(s, [42], P) for s in others]), lambda: rm_after(every))
-    split = best(lambda: (decode([(s, [42], P) for s in others]), decode([(0, chunk, P)])), lambda: rm_after(every))
+    mixed, split = pair(lambda: decode([(0, chunk, P)] + [(s, [42], P) for s in others]),
+                        lambda: (decode([(0, chunk, P)]), decode([(s, [42], P) for s in others])),
+                        lambda: rm_after(every))
     rows.append((f"a {args.chunk}-token chunk of one sequence + next token of {n - 1}",
                  "one llama_decode (llama.cpp splits it)", mixed, "two calls (llamakv)", split))
     if n >= 4:
         gap = [0, 2]
-        gapped = best(lambda: decode([(s, [42], P) for s in gap]), lambda: rm_after(gap))
-        consec = best(lambda: decode([(s, [42], P) for s in (0, 1)]), lambda: rm_after([0, 1]))
+        gapped, consec = pair(lambda: decode([(s, [42], P) for s in gap]),
+                              lambda: decode([(s, [42], P) for s in (0, 1)]), lambda: rm_after([0, 1, 2]))
         rows.append(("next token of 2 sequences", "ids 0 and 2 (llama.cpp splits them)", gapped,
                      "ids 0 and 1", consec))
     print(f"`{' '.join(sys.argv)}`  \n{platform.node()} ({platform.machine()}, {os.cpu_count()} cores), "

@@ -2,8 +2,8 @@
 """Concurrent clients against `llamakv serve` and llama-server, side by side.
 
 Both servers are started in turn with the same model, context, slots and flags. For each number
-of concurrent clients N, N streamed /v1/completions requests (distinct prompts of about
---prompt-tokens tokens, greedy, --max-tokens each with end of generation ignored, no prompt
+of concurrent clients N, N streamed /v1/completions requests (distinct prompts of
+--prompt-tokens token ids, greedy, --max-tokens each with end of generation ignored, no prompt
 reuse) are sent at once, then the same N one after another. Reported per server and N: total
 generated tokens per second, mean time to the first token, the wall time of the N at once and
 its ratio to the N in a row.
@@ -89,17 +89,22 @@ def serving(kind: str, args, model: Path):
         logf.close()
 
 
-def prompt(i: int, n_tokens: int) -> str:
-    """A distinct prompt of roughly n_tokens tokens (about one per word)."""
-    words = [WORDS[(i * 7 + j * (i + 3)) % len(WORDS)] for j in range(max(8, n_tokens - 16))]
-    return f"Request {i}. " + " ".join(words) + ". Continue the list:"
+def prompt(i: int, n_tokens: int) -> list[int]:
+    """A distinct prompt of exactly n_tokens token ids (words of a small list, tokenized by the
+    first server, repeated with a per-request start)."""
+    words = _WORD_TOKENS[i % len(_WORD_TOKENS):] + _WORD_TOKENS
+    out = [t for _ in range(n_tokens // max(1, len(words)) + 1) for t in words]
+    return out[:n_tokens]
 
 
-def one_request(url: str, text: str, max_tokens: int, out: dict) -> None:
+_WORD_TOKENS: list[int] = []
+
+
+def one_request(url: str, text, max_tokens: int, out: dict) -> None:
     body = {"prompt": text, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
             "cache_prompt": False, "llamakv": {"ratio": 0}}
     t0 = time.perf_counter()
-    first, n = None, 0
+    first, n, pieces = None, 0, []
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=900) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -108,9 +113,10 @@ def one_request(url: str, text: str, max_tokens: int, out: dict) -> None:
             ch = json.loads(line[6:])
             if ch.get("choices") and ch["choices"][0].get("text"):
                 first = first or time.perf_counter()
+                pieces.append(ch["choices"][0]["text"])
             if "timings" in ch:
                 n = ch["timings"]["predicted_n"]
-    out.update(ttft=(first or time.perf_counter()) - t0, total=time.perf_counter() - t0, n=n)
+    out.update(ttft=(first or time.perf_counter()) - t0, total=time.perf_counter() - t0, n=n, text="".join(pieces))
 
 
 def at_once(url: str, texts: list[str], max_tokens: int) -> tuple[float, list[dict]]:
@@ -124,11 +130,12 @@ def at_once(url: str, texts: list[str], max_tokens: int) -> tuple[float, list[di
     return time.perf_counter() - t0, results
 
 
-def in_a_row(url: str, texts: list[str], max_tokens: int) -> float:
+def in_a_row(url: str, texts: list, max_tokens: int) -> tuple[float, list[dict]]:
+    results = [{} for _ in texts]
     t0 = time.perf_counter()
-    for t in texts:
-        one_request(url, t, max_tokens, {})
-    return time.perf_counter() - t0
+    for t, r in zip(texts, results):
+        one_request(url, t, max_tokens, r)
+    return time.perf_counter() - t0, results
 
 
 def main() -> int:
@@ -154,24 +161,28 @@ def main() -> int:
     rows = []
     for kind in args.servers:
         with serving(kind, args, model) as url:
+            if not _WORD_TOKENS:
+                _WORD_TOKENS.extend(httpx.post(url + "/tokenize", json={"content": " ".join(WORDS)}).json()["tokens"])
             one_request(url, prompt(999, args.prompt_tokens), 8, {})  # warm-up
             for n in args.clients:
                 texts = [prompt(100 * n + i, args.prompt_tokens) for i in range(n)]
                 wall, res = at_once(url, texts, args.max_tokens)
-                row_wall = in_a_row(url, texts, args.max_tokens)
+                row_wall, row_res = in_a_row(url, texts, args.max_tokens)
                 tokens = sum(r["n"] for r in res)
-                rows.append((kind, n, tokens / wall, sum(r["ttft"] for r in res) / n, wall, row_wall))
+                same = sum(a["text"] == b["text"] for a, b in zip(res, row_res))
+                rows.append((kind, n, tokens / wall, sum(r["ttft"] for r in res) / n, wall, row_wall, same))
                 log(f"{kind:12s} N={n}: {tokens / wall:7.1f} tok/s, ttft {rows[-1][3]:.2f} s, "
-                    f"{wall:.2f} s at once vs {row_wall:.2f} s in a row")
+                    f"{wall:.2f} s at once vs {row_wall:.2f} s in a row, {same}/{n} answers as in a row")
     head = (f"`{' '.join(sys.argv)}`  \n{platform.node()} ({platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores), {time.strftime('%Y-%m-%d')}, model {model.name}, -c {args.ctx_size} "
-            f"-np {args.parallel}, prompts of ~{args.prompt_tokens} tokens, {args.max_tokens} generated each")
+            f"-np {args.parallel}, prompts of {args.prompt_tokens} tokens, {args.max_tokens} generated each")
     print(head + "\n")
     print("| server | clients | generated tok/s | mean time to first token (s) | wall at once (s) "
-          "| wall in a row (s) | at once / in a row |")
-    print("|---|---|---|---|---|---|---|")
-    for kind, n, tps, ttft, wall, row_wall in rows:
-        print(f"| {kind} | {n} | {tps:.1f} | {ttft:.2f} | {wall:.2f} | {row_wall:.2f} | {wall / row_wall:.2f} |")
+          "| wall in a row (s) | at once / in a row | answers as in a row |")
+    print("|---|---|---|---|---|---|---|---|")
+    for kind, n, tps, ttft, wall, row_wall, same in rows:
+        print(f"| {kind} | {n} | {tps:.1f} | {ttft:.2f} | {wall:.2f} | {row_wall:.2f} | {wall / row_wall:.2f} "
+              f"| {same}/{n} |")
     by = {(k, n): tps for k, n, tps, *_ in rows}
     if "llama-server" in args.servers and "llamakv" in args.servers:
         print("\n| clients | llamakv / llama-server throughput |\n|---|---|")
