@@ -17,7 +17,6 @@ from .errors import LlamaKVError
 from .scoring import AGGREGATIONS, PRESSES
 from .server_engine import CACHE_TYPES, ApiError, Engine, KVParams
 
-log = logging.getLogger("llamakv.server")
 
 
 
