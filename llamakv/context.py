@@ -322,6 +322,14 @@ class Context:
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
+    def grammar_ok(self, gbnf: str) -> bool:
+        """Whether llama.cpp's grammar parser accepts `gbnf` (root rule "root")."""
+        smp = llama_cpp.llama_sampler_init_grammar(self.vocab, gbnf.encode(), b"root")
+        if not smp:
+            return False
+        llama_cpp.llama_sampler_free(smp)
+        return True
+
     def eog_tokens(self) -> list[int]:
         """Every end-of-generation token of the vocabulary."""
         if self._eog is None:

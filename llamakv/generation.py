@@ -11,6 +11,8 @@ one llama_decode call (how llama.cpp batches a non-unified cache).
 from __future__ import annotations
 
 import codecs
+import ctypes
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence as Seq
@@ -25,9 +27,11 @@ from .sequence import Sequence
 
 @dataclass
 class Sampling:
-    """What to sample and when to stop. `max_tokens` < 0: until end of generation or a full
-    cache. `logprobs`: report each sampled token's log-probability, with the `n_probs` most
-    likely tokens and theirs (under the model's distribution, before the samplers)."""
+    """What to sample and when to stop, with llama.cpp's samplers and their defaults (as
+    llama-server's fields). `max_tokens` < 0: until end of generation or a full cache.
+    `logprobs`: report each sampled token's log-probability, with the `n_probs` most likely tokens
+    and theirs (under the model's distribution, before the samplers). `grammar`: GBNF text the
+    answer must match (llama.cpp's grammar sampler); `logit_bias`: (token, bias) pairs, -inf bans."""
     max_tokens: int = 256
     temperature: float = 0.0
     top_k: int = 40
@@ -38,27 +42,129 @@ class Sampling:
     logprobs: bool = False
     n_probs: int = 0
     ignore_eos: bool = False  # end-of-generation tokens are never sampled (fixed-length benchmarks)
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    typical_p: float = 1.0
+    top_n_sigma: float = -1.0
+    min_keep: int = 0
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = -1
+    dry_sequence_breakers: Seq[str] = ("\n", ":", "\"", "*")
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
+    logit_bias: Seq[tuple[int, float]] = ()
+    grammar: str = ""
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that could change the argmax: llama.cpp's greedy sampler alone."""
+        return (self.temperature <= 0 and self.mirostat == 0 and self.repeat_penalty == 1.0
+                and self.presence_penalty == 0 and self.frequency_penalty == 0 and self.dry_multiplier <= 0
+                and self.xtc_probability <= 0 and self.top_n_sigma <= 0)
 
 
-def make_sampler(p: Sampling, n_vocab: int = 0, banned: Seq[int] = ()):
-    """A llama.cpp sampler chain: the `banned` tokens' logits set to -inf, then greedy at
-    temperature 0, else top-k, top-p, min-p, temperature and a seeded draw, in llama.cpp's order."""
-    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-    add = lambda smp: llama_cpp.llama_sampler_chain_add(chain, smp)  # noqa: E731
-    if banned:
-        bias = (llama_cpp.llama_logit_bias * len(banned))(*[llama_cpp.llama_logit_bias(t, -math.inf) for t in banned])
-        add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(banned), bias))
-    if p.temperature <= 0:
-        add(llama_cpp.llama_sampler_init_greedy())
-        return chain
-    if p.top_k > 0:
-        add(llama_cpp.llama_sampler_init_top_k(p.top_k))
-    add(llama_cpp.llama_sampler_init_top_p(p.top_p, 1))
-    if p.min_p > 0:
-        add(llama_cpp.llama_sampler_init_min_p(p.min_p, 1))
-    add(llama_cpp.llama_sampler_init_temp(p.temperature))
-    add(llama_cpp.llama_sampler_init_dist(p.seed))
-    return chain
+class Sampler:
+    """A llama.cpp sampler chain built from `Sampling` in llama.cpp's order (common_sampler_init:
+    logit bias, penalties, DRY, top-n-sigma, top-k, typical, top-p, min-p, XTC, temperature, then
+    a seeded draw, or mirostat), and the grammar apart from it: prompt tokens feed the chain's
+    penalties (as llama-server does), only generated tokens the grammar."""
+
+    def __init__(self, p: Sampling, ctx: Context, banned: Seq[int] = ()):
+        self.n_vocab = ctx.n_vocab
+        self.chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        self.grammar = None
+        self._keep: list = []  # ctypes buffers the samplers point into
+        add = lambda smp: llama_cpp.llama_sampler_chain_add(self.chain, smp)  # noqa: E731
+        bias = [(int(t), float(b)) for t, b in p.logit_bias] + [(int(t), -math.inf) for t in banned]
+        if bias:
+            arr = (llama_cpp.llama_logit_bias * len(bias))(*[llama_cpp.llama_logit_bias(t, b) for t, b in bias])
+            self._keep.append(arr)
+            add(llama_cpp.llama_sampler_init_logit_bias(self.n_vocab, len(bias), arr))
+        if p.grammar:
+            self.grammar = llama_cpp.llama_sampler_init_grammar(ctx.vocab, p.grammar.encode(), b"root")
+            if not self.grammar:
+                self.close()
+                raise ValueError("llama.cpp could not parse the grammar")
+        if p.plain_greedy:
+            add(llama_cpp.llama_sampler_init_greedy())
+        elif p.mirostat == 0:
+            self._chain(p, ctx, add)
+        else:
+            add(llama_cpp.llama_sampler_init_temp(p.temperature))
+            if p.mirostat == 1:
+                add(llama_cpp.llama_sampler_init_mirostat(self.n_vocab, p.seed, p.mirostat_tau, p.mirostat_eta, 100))
+            else:
+                add(llama_cpp.llama_sampler_init_mirostat_v2(p.seed, p.mirostat_tau, p.mirostat_eta))
+
+    def _chain(self, p: Sampling, ctx: Context, add) -> None:
+        add(llama_cpp.llama_sampler_init_penalties(self.n_vocab, p.repeat_last_n, p.repeat_penalty,
+                                                   p.frequency_penalty, p.presence_penalty))
+        if p.dry_multiplier > 0:
+            breakers = [b.encode() for b in p.dry_sequence_breakers]
+            c_breakers = (ctypes.c_char_p * len(breakers))(*breakers)
+            self._keep += [breakers, c_breakers]
+            last_n = p.dry_penalty_last_n if p.dry_penalty_last_n >= 0 else ctx.n_ctx_seq
+            add(llama_cpp.llama_sampler_init_dry(ctx.vocab, p.dry_multiplier, p.dry_base, p.dry_allowed_length,
+                                                 last_n, c_breakers, len(breakers)))
+        if p.top_n_sigma > 0:
+            add(llama_cpp.llama_sampler_init_top_n_sigma(p.top_n_sigma))
+        if p.top_k > 0:
+            add(llama_cpp.llama_sampler_init_top_k(p.top_k))
+        add(llama_cpp.llama_sampler_init_typical(p.typical_p, p.min_keep))
+        add(llama_cpp.llama_sampler_init_top_p(p.top_p, p.min_keep))
+        if p.min_p > 0:
+            add(llama_cpp.llama_sampler_init_min_p(p.min_p, p.min_keep))
+        if p.xtc_probability > 0:
+            add(llama_cpp.llama_sampler_init_xtc(p.xtc_probability, p.xtc_threshold, p.min_keep, p.seed))
+        add(llama_cpp.llama_sampler_init_temp(p.temperature))
+        add(llama_cpp.llama_sampler_init_dist(p.seed))
+
+    def accept_prompt(self, tokens: Seq[int]) -> None:
+        """The prompt's tokens, for the penalties (not the grammar)."""
+        for t in tokens:
+            llama_cpp.llama_sampler_accept(self.chain, int(t))
+
+    def sample(self, ctx: Context, row: int) -> int:
+        if self.grammar is None:
+            return int(llama_cpp.llama_sampler_sample(self.chain, ctx.ctx, row))
+        cand = np.empty(self.n_vocab, dtype=[("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+        cand["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        cand["logit"] = ctx.logits(row)
+        cand["p"] = 0
+        arr = llama_cpp.llama_token_data_array(
+            data=cand.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)), size=self.n_vocab,
+            selected=-1, sorted=False)
+        llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(arr))
+        llama_cpp.llama_sampler_apply(self.chain, ctypes.byref(arr))
+        if not 0 <= arr.selected < arr.size:
+            raise RuntimeError("the sampler chain selected no token")
+        tok = int(cand["id"][arr.selected])
+        llama_cpp.llama_sampler_accept(self.grammar, tok)
+        llama_cpp.llama_sampler_accept(self.chain, tok)
+        return tok
+
+    def close(self) -> None:
+        for smp in (self.chain, self.grammar):
+            if smp:
+                llama_cpp.llama_sampler_free(smp)
+        self.chain = self.grammar = None
+
+
+def json_grammar(schema: dict | None = None) -> str:
+    """GBNF for any JSON value, or for JSON valid against `schema` (llama.cpp's converter, as
+    llama-cpp-python ships it)."""
+    from llama_cpp import llama_grammar
+
+    if schema is None:
+        return llama_grammar.JSON_GBNF
+    return llama_grammar.json_schema_to_gbnf(json.dumps(schema))
 
 
 class StopFilter:
@@ -138,17 +244,22 @@ class Bound:
 
 
 class Generation:
-    """One sequence's answer in progress. begin() samples the first token from the logits of the
-    prompt's last token; then, until `done`, each decode of the pending token (decode_step) is
+    """One sequence's answer in progress (`prompt`: its prompt's tokens, for the penalties).
+    begin() samples the first token from the logits of the prompt's last token; then, until `done`, each decode of the pending token (decode_step) is
     followed by the next sample. The last sampled token is decoded only if generation goes on,
     so the sequence holds exactly the prompt and the tokens before it."""
 
     def __init__(self, seq: Sequence, sampling: Sampling, *, bound: Bound | None = None,
-                 capture: bool | None = None):
+                 capture: bool | None = None, prompt: Seq[int] = ()):
         self.seq, self.p, self.bound = seq, sampling, bound
         self.capture = seq.capture_generation if capture is None else capture
         ctx = seq.ctx
-        self.sampler = make_sampler(sampling, ctx.n_vocab, ctx.eog_tokens() if sampling.ignore_eos else ())
+        self.sampler = Sampler(sampling, ctx, ctx.eog_tokens() if sampling.ignore_eos else ())
+        if not sampling.plain_greedy:  # the penalties see the end of the prompt, as in llama-server
+            last = max(sampling.repeat_last_n, 0)
+            if sampling.dry_multiplier > 0:
+                last = max(last, sampling.dry_penalty_last_n if sampling.dry_penalty_last_n >= 0 else len(prompt))
+            self.sampler.accept_prompt(list(prompt)[len(prompt) - min(last, len(prompt)):])
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stop = StopFilter(sampling.stop)
         self.tokens: list[int] = []        # every token sampled
@@ -171,7 +282,7 @@ class Generation:
 
     def close(self) -> None:
         if self.sampler is not None:
-            llama_cpp.llama_sampler_free(self.sampler)
+            self.sampler.close()
             self.sampler = None
 
     def finish(self, reason: str) -> list[Piece]:
@@ -197,7 +308,7 @@ class Generation:
     def _sample(self) -> list[Piece]:
         seq, ctx = self.seq, self.seq.ctx
         row = seq.logits_row
-        tok = int(llama_cpp.llama_sampler_sample(self.sampler, ctx.ctx, row))
+        tok = self.sampler.sample(ctx, row)
         if ctx.is_eog(tok):
             return self.finish("stop")
         self.tokens.append(tok)

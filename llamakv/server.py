@@ -49,6 +49,15 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=0.95, help="default top-p (0.95)")
     g.add_argument("--min-p", type=float, default=0.05, help="default min-p (0.05)")
     g.add_argument("--seed", type=int, default=-1, help="default sampling seed (-1: random)")
+    # the other samplers' defaults, as llama-server's flags (a request's fields override them)
+    for flag, kind, default in (("--repeat-penalty", float, 1.0), ("--repeat-last-n", int, 64),
+                                ("--presence-penalty", float, 0.0), ("--frequency-penalty", float, 0.0),
+                                ("--typical", float, 1.0), ("--top-nsigma", float, -1.0), ("--mirostat", int, 0),
+                                ("--mirostat-lr", float, 0.1), ("--mirostat-ent", float, 5.0),
+                                ("--dry-multiplier", float, 0.0), ("--dry-base", float, 1.75),
+                                ("--dry-allowed-length", int, 2), ("--dry-penalty-last-n", int, -1),
+                                ("--xtc-probability", float, 0.0), ("--xtc-threshold", float, 0.1)):
+        g.add_argument(flag, type=kind, default=default, help=f"default {flag[2:]} ({default:g})")
     g.add_argument("--slot-save-path", help="folder for slot save / restore (POST /slots/ID?action=...)")
     g.add_argument("--strict-model", action="store_true",
                    help="answer 404 to a request naming another model (default: the name is ignored, as by "

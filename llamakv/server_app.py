@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from .errors import LlamaKVError
 from .scoring import PRESSES
-from .generation import Sampling
+from .generation import Sampling, json_grammar
 from .server_engine import ApiError, Engine, Job, KVParams, bad_request, common_prefix
 
 log = logging.getLogger("llamakv.server")
@@ -50,9 +50,31 @@ def number_field(body: dict, names: tuple[str, ...], default, kind=float, lo=Non
     return default
 
 
-def sampling_from(body: dict, args, api: str) -> Sampling:
+# llama-server's sampler fields: (name in the request, kind, flag default's attribute, lo, hi)
+SAMPLER_FIELDS = [
+    ("repeat_penalty", float, "repeat_penalty", 0.0, None),
+    ("repeat_last_n", int, "repeat_last_n", -1, None),
+    ("presence_penalty", float, "presence_penalty", -2.0, 2.0),
+    ("frequency_penalty", float, "frequency_penalty", -2.0, 2.0),
+    ("typical_p", float, "typical", 0.0, 1.0),
+    ("top_n_sigma", float, "top_nsigma", None, None),
+    ("min_keep", int, None, 0, None),
+    ("mirostat", int, "mirostat", 0, 2),
+    ("mirostat_tau", float, "mirostat_ent", 0.0, None),
+    ("mirostat_eta", float, "mirostat_lr", 0.0, None),
+    ("dry_multiplier", float, "dry_multiplier", 0.0, None),
+    ("dry_base", float, "dry_base", 1.0, None),
+    ("dry_allowed_length", int, "dry_allowed_length", 0, None),
+    ("dry_penalty_last_n", int, "dry_penalty_last_n", -1, None),
+    ("xtc_probability", float, "xtc_probability", 0.0, 1.0),
+    ("xtc_threshold", float, "xtc_threshold", 0.0, 1.0),
+]
+
+
+def sampling_from(body: dict, args, api: str, engine: Engine) -> Sampling:
     """Sampling settings of a request; `api` "chat", "text" (OpenAI's chat and legacy completions)
-    or "native" (llama-server's /completion) says how token probabilities are asked for."""
+    or "native" (llama-server's /completion) says how token probabilities are asked for.
+    llama-server's own sampler fields are read on every endpoint, as llama-server does."""
     stop = body.get("stop") or []
     if isinstance(stop, str):
         stop = [stop]
@@ -66,12 +88,88 @@ def sampling_from(body: dict, args, api: str) -> Sampling:
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise bad_request("ignore_eos must be true or false")
+    extra = {name: number_field(body, (name,), getattr(args, flag) if flag else 0, kind, lo=lo, hi=hi)
+             for name, kind, flag, lo, hi in SAMPLER_FIELDS}
+    if extra["repeat_last_n"] < 0:
+        extra["repeat_last_n"] = engine.n_ctx_slot
+    breakers = body.get("dry_sequence_breakers")
+    if breakers is not None:
+        if not isinstance(breakers, list) or not all(isinstance(x, str) and x for x in breakers):
+            raise bad_request("dry_sequence_breakers must be a list of non-empty strings")
+        extra["dry_sequence_breakers"] = tuple(breakers)
     return Sampling(logprobs=want, n_probs=n_probs, ignore_eos=ignore_eos, max_tokens=n if n >= 0 else -1,
                     temperature=number_field(body, ("temperature",), args.temp, lo=0.0),
                     top_k=number_field(body, ("top_k",), args.top_k, int, lo=0),
                     top_p=number_field(body, ("top_p",), args.top_p, lo=0.0, hi=1.0),
                     min_p=number_field(body, ("min_p",), args.min_p, lo=0.0, hi=1.0),
-                    seed=seed if seed >= 0 else int.from_bytes(os.urandom(4), "little"), stop=stop)
+                    seed=seed if seed >= 0 else int.from_bytes(os.urandom(4), "little"), stop=stop,
+                    logit_bias=logit_bias_from(body.get("logit_bias"), engine),
+                    grammar=grammar_from(body, api, engine), **extra)
+
+
+def logit_bias_from(raw, engine: Engine) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} or llama-server's [[token or text, bias or false], ...] (a text
+    stands for each of its tokens; false bans)."""
+    if raw is None:
+        return ()
+    if isinstance(raw, dict):
+        pairs = list(raw.items())
+    elif isinstance(raw, list) and all(isinstance(x, list) and len(x) == 2 for x in raw):
+        pairs = raw
+    else:
+        raise bad_request("logit_bias must be an object {token: bias} or a list of [token, bias] pairs")
+    n_vocab = engine.context.n_vocab
+    out = []
+    for key, bias in pairs:
+        if bias is False:
+            bias = -math.inf
+        elif isinstance(bias, bool) or not isinstance(bias, (int, float)) or math.isnan(bias):
+            raise bad_request(f"logit_bias: the bias of {key!r} must be a number or false")
+        if isinstance(key, int) and not isinstance(key, bool):
+            tokens = [key]
+        elif isinstance(key, str) and key.lstrip("-").isdigit():
+            tokens = [int(key)]
+        elif isinstance(key, str) and key:
+            tokens = engine.tokenize(key, add_special=False)
+        else:
+            raise bad_request(f"logit_bias: {key!r} is neither a token id nor a text")
+        for t in tokens:
+            if not 0 <= t < n_vocab:
+                raise bad_request(f"logit_bias: token {t} is not in [0, {n_vocab})")
+            out.append((t, float(bias)))
+    return tuple(out)
+
+
+def grammar_from(body: dict, api: str, engine: Engine) -> str:
+    """The GBNF the answer must match: `grammar` or `json_schema` (llama-server), or OpenAI's
+    `response_format` ({"type": "json_object"} for any JSON object, {"type": "json_schema",
+    "json_schema": {"schema": ...}}); checked by llama.cpp's grammar parser here (400 if refused)."""
+    grammar, schema, any_json = body.get("grammar"), body.get("json_schema"), False
+    fmt = body.get("response_format")
+    if fmt is not None:
+        if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+            raise bad_request("response_format must be {\"type\": \"text\" | \"json_object\" | \"json_schema\"}")
+        if fmt["type"] == "json_object":
+            schema = fmt.get("schema")  # llama-server's extension
+            any_json = schema is None
+        elif fmt["type"] == "json_schema":
+            inner = fmt.get("json_schema")
+            schema = inner.get("schema") if isinstance(inner, dict) else None
+            if not isinstance(schema, dict):
+                raise bad_request("response_format.json_schema.schema must be a JSON schema object")
+    if grammar is not None and not isinstance(grammar, str):
+        raise bad_request("grammar must be a string (GBNF)")
+    if schema is not None and not isinstance(schema, dict):
+        raise bad_request("json_schema must be a JSON schema object")
+    if sum(x is not None and x != "" for x in (grammar, schema)) + any_json > 1:
+        raise bad_request("give one of grammar, json_schema and response_format")
+    try:
+        text = grammar or (json_grammar(schema) if schema is not None or any_json else "")
+    except Exception as e:  # the converter raises several kinds on schemas it cannot express
+        raise bad_request(f"the JSON schema cannot be turned into a grammar: {e}") from e
+    if text and not engine.context.grammar_ok(text):
+        raise bad_request("llama.cpp could not parse the grammar")
+    return text
 
 
 def probs_wanted(body: dict, api: str) -> tuple[bool, int]:
@@ -201,7 +299,7 @@ def create_app(engine: Engine, api_key: str | None = None):
         number_field(body, ("n_keep",), 0, int, lo=-1)  # accepted; eviction takes the place of context shift
         if not isinstance(body.get("stream", False), bool):
             raise bad_request("stream must be true or false")
-        return new_job("generate", tokens=tokens, split=split, sampling=sampling_from(body, args, api),
+        return new_job("generate", tokens=tokens, split=split, sampling=sampling_from(body, args, api, engine),
                        kv=KVParams.from_body(body, engine.defaults), id_slot=id_slot, cache_prompt=cache_prompt)
 
     async def finish(request: Request, job: Job, shape, done_marker: bool = True):

@@ -448,7 +448,7 @@ class Engine:
         slot.info = {"reused": reused, "new": new, "prompt_s": prompt_s, "compression": compression,
                      "t_gen": time.perf_counter()}
         job.emit("start", {"id_slot": slot.id, "reused": reused})
-        slot.gen = Generation(seq, job.sampling)
+        slot.gen = Generation(seq, job.sampling, prompt=tokens)
         pieces = slot.gen.begin()  # right after the prompt's last logits
         slot.work = None
         self._emit(slot, pieces)

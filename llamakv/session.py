@@ -202,7 +202,7 @@ class KVSession:
     def stream(self, prompt: str | Seq[int] | None = None, *, max_tokens: int = 256,
                temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95, seed: int = 0,
                stop: Seq[str] = (), budget: int | None = None, target: int | None = None,
-               compress_every: int | None = None, query_buffer: int = 128) -> Iterator[str]:
+               compress_every: int | None = None, query_buffer: int = 128, **sampling) -> Iterator[str]:
         """Yield generated text pieces. With a prompt, it is prefilled first (through the budget,
         if given); without one, generation continues from the logits of the last decoded token.
         Text that may begin a stop string is held back until it is known not to.
@@ -211,19 +211,23 @@ class KVSession:
         `compress_every` generated tokens, it is compressed to `target` cells (default half the
         budget) with statistics of the last `query_buffer` generated queries (generation.Bound).
         This replaces llama.cpp's context shift. Without one, generation ends when the cache is
-        full."""
+        full. Other keyword arguments are generation.Sampling's (penalties, grammar, logit_bias,
+        min_p, mirostat, DRY, XTC, ...)."""
         bound = None
         if budget is not None:
             budget, target = self.compressor.bounds(self.seq, budget, target)
             bound = Bound(self.compressor, budget, target, compress_every, query_buffer)
+        tokens: list[int] = []
         if prompt is not None:
-            self.prefill(prompt, budget=budget, target=target)
+            tokens = self._tokens(prompt)
+            self.prefill(tokens, budget=budget, target=target)
         elif not self.seq.has_logits:
             raise ValueError("nothing to continue from: give a prompt (after load(), the state "
                              "holds no logits)")
         self.seq.track_surprisal = self.track_surprisal
         gen = Generation(self.seq, Sampling(max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                                            top_p=top_p, seed=seed, stop=tuple(stop)), bound=bound)
+                                            top_p=top_p, seed=seed, stop=tuple(stop), **sampling),
+                         bound=bound, prompt=tokens)
         for _, piece in generate(self.context, [gen]):
             if piece.text:
                 yield piece.text

@@ -160,3 +160,21 @@ def test_a_stop_string_spanning_two_pieces_is_not_leaked(session):
     session.reset()
     got = list(session.stream(prompt, max_tokens=24, stop=[stop]))
     assert "".join(got) == text[:first]
+
+
+def test_the_session_samples_with_grammar_bias_and_penalties(session):
+    """The one sampler chain behind the API: a grammar constrains, a banned token never comes,
+    a repeat penalty changes a repetitive greedy answer."""
+    prompt = session.chat_prompt([{"role": "user", "content": "Is the sky blue? Answer yes or no."}])
+    session.reset()
+    got = session.generate(prompt, max_tokens=6, grammar='root ::= ("maybe" | "never") "!"')
+    assert got in ("maybe!", "never!")
+    loop = "the cat the cat the cat the cat the cat the cat"
+    session.reset()
+    plain = session.generate(loop, max_tokens=16)
+    first = session.context.tokenize(plain, add_bos=False)[0]
+    session.reset()
+    banned = session.generate(loop, max_tokens=16, logit_bias=[(first, float("-inf"))])
+    assert first not in session.context.tokenize(banned, add_bos=False)
+    session.reset()
+    assert session.generate(loop, max_tokens=16, repeat_penalty=1.8) != plain

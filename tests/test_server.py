@@ -487,3 +487,66 @@ def test_the_model_field_is_ignored_unless_strict(server4, tmp_path):
         assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
         assert post(srv, "/v1/chat/completions", {"model": "tiny", "messages": QUESTION,
                                                   "max_tokens": 2}).status_code == 200
+
+
+# -- structured output and the samplers ------------------------------------------------------------
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                                           "colours": {"type": "array", "items": {"enum": ["red", "green", "blue"]},
+                                                       "maxItems": 3}},
+          "required": ["name", "age", "colours"], "additionalProperties": False}
+
+
+def test_json_schema_answers_validate(server4):
+    jsonschema = pytest.importorskip("jsonschema")
+    client = _client(server4)
+    ask = [{"role": "user", "content": "Describe a person called Ann as JSON."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    r = client.chat.completions.create(model="m", messages=ask, temperature=0, max_tokens=80, response_format=fmt)
+    assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+    jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+    streamed = client.chat.completions.create(model="m", messages=ask, temperature=0.9, max_tokens=80, seed=3,
+                                              response_format=fmt, stream=True)
+    text = "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices)
+    jsonschema.validate(json.loads(text), PERSON)
+    # any JSON object: this small model loops inside the object until the limit, but from the first
+    # token on it writes JSON where it otherwise writes prose
+    free, any_json = (client.chat.completions.create(model="m", messages=ask, temperature=0, max_tokens=12, **kw)
+                      .choices[0].message.content for kw in ({}, {"response_format": {"type": "json_object"}}))
+    assert any_json.lstrip().startswith("{") and not free.lstrip().startswith("{")
+    native = post(server4, "/completion", {"prompt": "A person:", "n_predict": 80, "temperature": 0,
+                                           "json_schema": PERSON}).json()
+    jsonschema.validate(json.loads(native["content"]), PERSON)
+    gbnf = post(server4, "/completion", {"prompt": "Yes or no?", "n_predict": 8, "temperature": 0,
+                                         "grammar": 'root ::= ("yes" | "no") "."'}).json()
+    assert gbnf["content"] in ("yes.", "no.")
+    for bad in ({"grammar": "root ::= ("}, {"response_format": {"type": "xml"}}, {"json_schema": "object"}):
+        assert post(server4, "/completion", {"prompt": "x", "n_predict": 2, **bad}).status_code == 400
+
+
+def test_penalties_and_logit_bias_change_the_output(server4):
+    prompt = "Repeat after me: the cat the cat the cat the cat the cat"
+    base = {"prompt": prompt, "n_predict": 24, "temperature": 0, "cache_prompt": False}
+    plain = post(server4, "/completion", base).json()
+    words = plain["content"].split()
+    assert words, plain
+    # ban every token of the answer's first word, as text and as ids: it never appears
+    ids = httpx.post(server4["url"] + "/tokenize", json={"content": " " + words[0]}).json()["tokens"]
+    banned = post(server4, "/completion", {**base, "logit_bias": [[t, False] for t in ids]}).json()
+    toks = httpx.post(server4["url"] + "/tokenize", json={"content": banned["content"]}).json()["tokens"]
+    assert banned["content"] != plain["content"] and not set(ids) & set(toks)
+    openai_bias = _client(server4).completions.create(model="m", prompt=prompt, max_tokens=24, temperature=0,
+                                                      logit_bias={str(t): -100 for t in ids},
+                                                      extra_body={"cache_prompt": False})
+    assert openai_bias.choices[0].text == banned["content"]
+    # a strong repeat penalty breaks the repetition that greedy decoding continues
+    rep = post(server4, "/completion", {**base, "repeat_penalty": 1.8}).json()
+    assert rep["content"] != plain["content"]
+    assert rep["content"].count("cat") < plain["content"].count("cat")
+    assert post(server4, "/completion", {**base, "repeat_penalty": 1.3, "presence_penalty": 0.5,
+                                         "frequency_penalty": 0.5, "dry_multiplier": 0.8, "xtc_probability": 0.5,
+                                         "typical_p": 0.9, "top_n_sigma": 1.5, "temperature": 0.7}).status_code == 200
+    assert post(server4, "/completion", {**base, "mirostat": 2, "temperature": 0.7}).status_code == 200
+    for bad in ({"repeat_penalty": "high"}, {"mirostat": 3}, {"logit_bias": 5}, {"dry_sequence_breakers": [1]}):
+        assert post(server4, "/completion", {**base, **bad}).status_code == 400
+    assert post(server4, "/completion", {**base, "n_predict": 2, "some_unknown_field": 1}).status_code == 200
