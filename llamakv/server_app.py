@@ -29,6 +29,7 @@ from starlette.routing import Route
 from .errors import LlamaKVError
 from .scoring import PRESSES
 from .generation import Sampling, json_grammar
+from .tools import ToolError, ToolPlan, history_message
 from .server_engine import ApiError, Engine, Job, KVParams, bad_request, common_prefix
 
 log = logging.getLogger("llamakv.server")
@@ -259,7 +260,7 @@ def create_app(engine: Engine, api_key: str | None = None):
             return list(prompt)
         raise bad_request("prompt must be a non-empty string, a list of token ids, or a list of one of those")
 
-    async def chat_tokens(body: dict) -> tuple[list[int], int | None]:
+    async def chat_tokens(body: dict, plan: ToolPlan | None) -> tuple[list[int], int | None]:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise bad_request("messages must be a non-empty list")
@@ -275,7 +276,12 @@ def create_app(engine: Engine, api_key: str | None = None):
                 content = "".join(p["text"] for p in content)
             elif content is not None and not isinstance(content, str):
                 raise bad_request(f"messages[{i}].content must be a string, a list of text parts, or null")
-            clean.append({"role": msg["role"], "content": content or ""})
+            try:
+                clean.append(history_message({**msg, "content": content}, i))
+            except ToolError as e:
+                raise bad_request(str(e)) from None
+        if plan is not None:
+            clean = plan.messages(clean)
         try:
             text = engine.context.chat_prompt(clean)
             # where the last user message begins: the query-agnostic mode compresses before it
@@ -302,14 +308,14 @@ def create_app(engine: Engine, api_key: str | None = None):
         return new_job("generate", tokens=tokens, split=split, sampling=sampling_from(body, args, api, engine),
                        kv=KVParams.from_body(body, engine.defaults), id_slot=id_slot, cache_prompt=cache_prompt)
 
-    async def finish(request: Request, job: Job, shape, done_marker: bool = True):
+    async def finish(request: Request, job: Job, shape, done_marker: bool = True, tools: ToolPlan | None = None):
         """Run a generation job; `shape(event, data, state)` makes each response object. Errors of
         the prompt (too long, ...) come before the first byte, so they get a proper status."""
         body = request.state.body
         try:
             info = await run_job(job, request)
             state = {"id": uuid.uuid4().hex[:24], "created": int(time.time()), "start": info, "text": [],
-                     "stream_options": body.get("stream_options")}
+                     "stream_options": body.get("stream_options"), "tools": tools}
             if not body.get("stream", False):
                 while True:
                     kind, data = await next_event(job, request)
@@ -330,7 +336,9 @@ def create_app(engine: Engine, api_key: str | None = None):
                 while True:
                     kind, data = await job.events.get()
                     if kind == "text":
-                        yield {"data": json.dumps(shape("text", data, state))}
+                        obj = shape("text", data, state)
+                        if obj is not None:  # None: held back (a tool call is parsed at the end)
+                            yield {"data": json.dumps(obj)}
                     elif kind == "error":
                         yield {"data": json.dumps(data.body())}
                         return
@@ -382,9 +390,14 @@ def create_app(engine: Engine, api_key: str | None = None):
 
     def chat_shape(event, data, state):
         base = {"id": "chatcmpl-" + state["id"], "created": state["created"], "model": engine.model_name}
+        plan = state["tools"]
         if event == "done":
-            choice = {"index": 0, "message": {"role": "assistant", "content": joined(state)},
-                      "logprobs": chat_logprobs(probs_of(state["text"])), "finish_reason": reason(data)}
+            content, calls = plan.parse(joined(state)) if plan else (joined(state), [])
+            message = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = calls
+            choice = {"index": 0, "message": message, "logprobs": chat_logprobs(probs_of(state["text"])),
+                      "finish_reason": "tool_calls" if calls else reason(data)}
             return {**base, "object": "chat.completion", "choices": [choice], "usage": usage(data),
                     "timings": data["timings"], "llamakv": data["llamakv"]}
         chunk = {**base, "object": "chat.completion.chunk"}
@@ -392,11 +405,21 @@ def create_app(engine: Engine, api_key: str | None = None):
             return {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                           "finish_reason": None}]}
         if event == "text":
+            if plan:
+                state.setdefault("held", []).append(data)
+                return None
             choice = {"index": 0, "delta": {"content": data.text}, "finish_reason": None}
             if data.probs:
                 choice["logprobs"] = chat_logprobs(data.probs)
             return {**chunk, "choices": [choice]}
-        return final_chunks(chunk, {"index": 0, "delta": {}, "finish_reason": reason(data)}, data, state)
+        if not plan:
+            return final_chunks(chunk, {"index": 0, "delta": {}, "finish_reason": reason(data)}, data, state)
+        content, calls = plan.parse("".join(p.text for p in state.get("held", [])))
+        delta = ({"tool_calls": [{**c, "index": i} for i, c in enumerate(calls)]} if calls
+                 else {"content": content})
+        first = {**chunk, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+        done = {"index": 0, "delta": {}, "finish_reason": "tool_calls" if calls else reason(data)}
+        return [first] + final_chunks(chunk, done, data, state)
 
     def final_chunks(chunk, choice, data, state):
         out = [{**chunk, "choices": [choice], "timings": data["timings"], "llamakv": data["llamakv"]}]
@@ -445,8 +468,17 @@ def create_app(engine: Engine, api_key: str | None = None):
     async def chat(request: Request):
         body = request.state.body = await body_of(request)
         check_model(body)
-        tokens, split = await chat_tokens(body)
-        return await finish(request, generation_job(body, tokens, split, "chat"), chat_shape)
+        try:
+            plan = ToolPlan.from_request(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
+        except ToolError as e:
+            raise bad_request(str(e)) from None
+        tokens, split = await chat_tokens(body, plan)
+        job = generation_job(body, tokens, split, "chat")
+        if plan is not None:
+            if job.sampling.grammar:
+                raise bad_request("tools cannot be combined with response_format, grammar or json_schema")
+            job.sampling.grammar = json_grammar(plan.schema())
+        return await finish(request, job, chat_shape, tools=plan)
 
     async def completions(request: Request):
         body = request.state.body = await body_of(request)

@@ -550,3 +550,48 @@ def test_penalties_and_logit_bias_change_the_output(server4):
     for bad in ({"repeat_penalty": "high"}, {"mirostat": 3}, {"logit_bias": 5}, {"dry_sequence_breakers": [1]}):
         assert post(server4, "/completion", {**base, **bad}).status_code == 400
     assert post(server4, "/completion", {**base, "n_predict": 2, "some_unknown_field": 1}).status_code == 200
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+ADD = {"type": "function", "function": {
+    "name": "add", "description": "Add two integers",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                   "required": ["a", "b"], "additionalProperties": False}}}
+
+
+def test_tool_calls(server4):
+    jsonschema = pytest.importorskip("jsonschema")
+    client = _client(server4)
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = client.chat.completions.create(model="m", messages=ask, tools=[WEATHER, ADD], tool_choice="required",
+                                       temperature=0, max_tokens=80)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    schema = {WEATHER["function"]["name"]: WEATHER, ADD["function"]["name"]: ADD}[call.function.name]
+    jsonschema.validate(json.loads(call.function.arguments), schema["function"]["parameters"])
+    # a named function, streamed: the call comes in one delta before the end
+    chunks = list(client.chat.completions.create(
+        model="m", messages=ask, tools=[WEATHER, ADD], tool_choice={"type": "function", "function": {"name": "add"}},
+        temperature=0, max_tokens=60, stream=True))
+    deltas = [tc for ch in chunks if ch.choices and ch.choices[0].delta.tool_calls for tc in ch.choices[0].delta.tool_calls]
+    assert len(deltas) == 1 and deltas[0].function.name == "add"
+    jsonschema.validate(json.loads(deltas[0].function.arguments), ADD["function"]["parameters"])
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == ["tool_calls"]
+    # the call and its result sent back; "auto" may answer in text or call again, either well formed
+    follow = ask + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                    {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 degrees"}]
+    r2 = client.chat.completions.create(model="m", messages=follow, tools=[WEATHER, ADD], temperature=0, max_tokens=80)
+    m2 = r2.choices[0].message
+    assert (m2.content is not None and not m2.tool_calls) or (m2.tool_calls and r2.choices[0].finish_reason == "tool_calls")
+    none = client.chat.completions.create(model="m", messages=ask, tools=[WEATHER], tool_choice="none",
+                                          temperature=0, max_tokens=8)
+    assert not none.choices[0].message.tool_calls and none.choices[0].message.content
+    for bad in ({"tools": [{"type": "function"}]}, {"tools": [WEATHER], "tool_choice": "sometimes"},
+                {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+                {"tools": [WEATHER], "response_format": {"type": "json_object"}}):
+        assert post(server4, "/v1/chat/completions", {"messages": ask, "max_tokens": 4, **bad}).status_code == 400
