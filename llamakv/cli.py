@@ -9,6 +9,7 @@ import time
 from importlib import resources
 
 from .errors import LlamaKVError
+from .generation import json_grammar
 from .eval.run import add_eval_parser
 from .models import add_models_parser, models_command
 from .scoring import AGGREGATIONS, PRESSES, make_press
@@ -53,6 +54,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--n-predict", type=int, default=128, help="most tokens of the answer (default 128)")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy, the default)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--top-k", type=int, default=40, help="top-k (default 40; with --temp > 0)")
+    p.add_argument("--top-p", type=float, default=0.95, help="top-p (default 0.95)")
+    p.add_argument("--min-p", type=float, default=0.0, help="min-p (default 0: off)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="repeat penalty (default 1: off)")
+    p.add_argument("--repeat-last-n", type=int, default=64, help="tokens the repeat penalty looks back on (64)")
+    p.add_argument("--grammar", metavar="GBNF", default="",
+                   help="a GBNF grammar the answer must match (llama.cpp's grammar sampler)")
+    p.add_argument("--json-schema", metavar="SCHEMA", default=None,
+                   help="a JSON schema (text) the answer must be valid against")
     p.add_argument("--no-chat", action="store_true",
                    help="plain text instead of the model's chat template")
     p.add_argument("--budget", type=int, default=None,
@@ -162,13 +172,25 @@ def _split_prompt(session, context: str | None, chat: bool) -> tuple[str | None,
     return context, "\n\nQuestion: {question}\nAnswer:"
 
 
+def _sampling(args) -> dict:
+    """The answer's sampler settings from the command line (generation.Sampling's fields)."""
+    grammar = args.grammar
+    if args.json_schema:
+        try:
+            grammar = json_grammar(json.loads(args.json_schema))
+        except (ValueError, TypeError) as e:
+            raise LlamaKVError(f"--json-schema is not a JSON schema llama.cpp's converter accepts: {e}") from e
+    return dict(top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+                repeat_last_n=args.repeat_last_n, grammar=grammar)
+
+
 def _answer(session, template: str, question: str, args) -> str:
     pieces = []
     stream = not args.json and sys.stdout.isatty()
     budget = args.budget or session.n_ctx  # never stop on a full cache: compress instead
     for piece in session.stream(template.format(question=question), max_tokens=args.n_predict,
                                 temperature=args.temp, seed=args.seed, budget=budget, target=args.target,
-                                compress_every=args.compress_every):
+                                compress_every=args.compress_every, **_sampling(args)):
         pieces.append(piece)
         if stream:
             print(piece, end="", flush=True)

@@ -248,3 +248,15 @@ def test_pyproject_extras_pin_the_registry_packages():
     assert set(extras.values()) == set(registry()[1])
     for extra, name in extras.items():
         assert pyproject[extra] == list(lookup(name).packages), extra
+
+
+def test_cli_answer_follows_a_json_schema():
+    schema = {"type": "object", "properties": {"age": {"type": "integer"}, "city": {"type": "string", "maxLength": 20}},
+              "required": ["age", "city"], "additionalProperties": False}
+    r = run_cli("compress", "-c", "2048", "-t", "2", "-n", "40", "--json", "-p", "Ann is 31 years old and lives in Oslo.",
+                "-q", "Give Ann's age and city as JSON.", "--json-schema", json.dumps(schema))
+    assert r.returncode == 0, r.stderr
+    answer = json.loads(json.loads(r.stdout)["answer"])
+    assert set(answer) == {"age", "city"} and isinstance(answer["age"], int)
+    bad = run_cli("compress", "-c", "2048", "-p", "x", "-q", "y", "--json-schema", "{not json")
+    assert bad.returncode != 0 and "--json-schema" in bad.stderr
