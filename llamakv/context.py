@@ -336,8 +336,14 @@ class Context:
             self._eog = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)]
         return self._eog
 
-    def chat_prompt(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-        """The model's own chat template applied to messages."""
+    @property
+    def chat_template(self) -> str | None:
+        return self.llama.metadata.get("tokenizer.chat_template")
+
+    def chat_prompt(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                    tools: Sequence[dict] | None = None) -> str:
+        """The model's own chat template applied to messages (and to OpenAI-shaped tools, for a
+        template that renders them)."""
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         template = self.llama.metadata.get("tokenizer.chat_template")
@@ -347,7 +353,7 @@ class Context:
         fmt = Jinja2ChatFormatter(template, eos_token=tok(self.llama.token_eos()),
                                   bos_token=tok(self.llama.token_bos()),
                                   add_generation_prompt=add_generation_prompt)
-        return fmt(messages=list(messages)).prompt
+        return fmt(messages=list(messages), tools=list(tools) if tools else None).prompt
 
     def sentence_end_table(self) -> np.ndarray:
         """Per vocabulary token: does its text end a sentence (holds '.', '!', '?' or a newline)?"""

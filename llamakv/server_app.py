@@ -29,7 +29,7 @@ from starlette.routing import Route
 from .errors import LlamaKVError
 from .scoring import PRESSES
 from .generation import Sampling, json_grammar
-from .tools import ToolError, ToolPlan, history_message
+from .tools import ToolError, ToolPlan, history_message, style_of
 from .server_engine import ApiError, Engine, Job, KVParams, bad_request, common_prefix
 
 log = logging.getLogger("llamakv.server")
@@ -277,16 +277,17 @@ def create_app(engine: Engine, api_key: str | None = None):
             elif content is not None and not isinstance(content, str):
                 raise bad_request(f"messages[{i}].content must be a string, a list of text parts, or null")
             try:
-                clean.append(history_message({**msg, "content": content}, i))
+                clean.append(history_message({**msg, "content": content}, i, plan.style if plan else "generic"))
             except ToolError as e:
                 raise bad_request(str(e)) from None
         if plan is not None:
             clean = plan.messages(clean)
         try:
-            text = engine.context.chat_prompt(clean)
+            tools = plan.openai_tools() if plan is not None and plan.style == "hermes" else None
+            text = engine.context.chat_prompt(clean, tools=tools)
             # where the last user message begins: the query-agnostic mode compresses before it
-            last = max((i for i, msg in enumerate(clean) if msg["role"] == "user"), default=0)
-            before = engine.context.chat_prompt(clean[:last], add_generation_prompt=False) if last else ""
+            last = max((i for i, msg in enumerate(clean) if msg["role"] in ("user", "tool")), default=0)
+            before = engine.context.chat_prompt(clean[:last], add_generation_prompt=False, tools=tools) if last else ""
         except LlamaKVError as e:
             raise bad_request(str(e)) from e
         except Exception as e:  # jinja2 raises its own errors on messages the template refuses
@@ -469,7 +470,8 @@ def create_app(engine: Engine, api_key: str | None = None):
         body = request.state.body = await body_of(request)
         check_model(body)
         try:
-            plan = ToolPlan.from_request(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
+            plan = ToolPlan.from_request(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"),
+                                         style_of(engine.context.chat_template))
         except ToolError as e:
             raise bad_request(str(e)) from None
         tokens, split = await chat_tokens(body, plan)
@@ -477,7 +479,9 @@ def create_app(engine: Engine, api_key: str | None = None):
         if plan is not None:
             if job.sampling.grammar:
                 raise bad_request("tools cannot be combined with response_format, grammar or json_schema")
-            job.sampling.grammar = json_grammar(plan.schema())
+            job.sampling.grammar = plan.grammar(json_grammar)
+            if job.sampling.grammar and not engine.context.grammar_ok(job.sampling.grammar):
+                raise ApiError(500, "the tools' grammar did not parse", "server_error")
         return await finish(request, job, chat_shape, tools=plan)
 
     async def completions(request: Request):

@@ -1,19 +1,32 @@
-"""Tool calls for the chat endpoint, in one format for every model.
+"""Tool calls for the chat endpoint.
 
-The tools are described to the model in a system message and its answer is constrained by a
-grammar to a JSON object: {"tool_call": {"name", "arguments"}} (or {"tool_calls": [...]} when
-parallel calls are allowed) to call a tool, {"response": "..."} to answer in text (only where
-`tool_choice` is "auto"). The arguments follow each tool's JSON schema, so a call is valid
-whatever the model. This is llama-server's generic tool format (used for templates without a
-native one); templates' native formats (Hermes' <tool_call> tags, Llama 3's JSON, Mistral's
-[TOOL_CALLS]) are not used. Earlier calls and tool results in the conversation are written back
-in the same format.
+Two formats, chosen by the model's chat template:
+- "hermes", for templates that write calls in <tool_call></tool_call> tags (Qwen 2.5 and 3,
+  Hermes and the models trained on them): the tools, earlier calls and tool results are rendered
+  by the template itself; with `tool_choice` "required" or a named function the answer is
+  constrained by a grammar to such tags around {"name", "arguments"} objects, with "auto" it is
+  free and its tags are parsed.
+- "generic", llama-server's format for every other template: the tools are described in a system
+  message and the answer is constrained to a JSON object, {"tool_call": {"name", "arguments"}}
+  (or {"tool_calls": [...]} with parallel calls), or {"response": "..."} where "auto" allows a
+  text answer. Earlier calls and tool results are written back in that format.
+Constrained arguments follow each tool's JSON schema, so such a call is valid whatever the model.
+Other native formats (Llama 3's, Mistral's [TOOL_CALLS]) are not recognised: those templates get
+the generic one.
 """
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
+
+_HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+def style_of(template: str | None) -> str:
+    """The tool-call format of a chat template: "hermes" or "generic"."""
+    return "hermes" if template and "<tool_call>" in template and "tools" in template else "generic"
 
 
 class ToolError(ValueError):
@@ -25,9 +38,10 @@ class ToolPlan:
     tools: list[dict]          # {"name", "description", "parameters"} of each function
     choice: str                # "auto", "required" or the name of the one function to call
     parallel: bool = False
+    style: str = "generic"     # see the module docstring
 
     @classmethod
-    def from_request(cls, tools, tool_choice, parallel) -> "ToolPlan | None":
+    def from_request(cls, tools, tool_choice, parallel, style: str = "generic") -> "ToolPlan | None":
         """The request's tools, checked; None where there are none or tool_choice is "none"."""
         if tools is None or tools == []:
             return None
@@ -57,7 +71,10 @@ class ToolPlan:
             raise ToolError("tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", ...}")
         if parallel is not None and not isinstance(parallel, bool):
             raise ToolError("parallel_tool_calls must be true or false")
-        return cls(funcs, choice, bool(parallel))
+        return cls(funcs, choice, bool(parallel), style)
+
+    def openai_tools(self) -> list[dict]:
+        return [{"type": "function", "function": f} for f in self.tools]
 
     # -- the prompt --------------------------------------------------------------------------
     def system_message(self) -> str:
@@ -77,6 +94,8 @@ class ToolPlan:
     def messages(self, messages: list[dict]) -> list[dict]:
         """The conversation with the tools described first (in the system message, if any) and
         earlier calls and results written in the answer format."""
+        if self.style == "hermes":
+            return messages  # the template renders the tools (Context.chat_prompt(tools=...))
         out, intro = [], self.system_message()
         for m in messages:
             if m["role"] == "system" and not out:
@@ -89,10 +108,26 @@ class ToolPlan:
         return out
 
     # -- the answer ----------------------------------------------------------------------------
+    def grammar(self, to_gbnf) -> str:
+        """GBNF of the answer ("" where it is free); `to_gbnf(schema)` converts a JSON schema."""
+        if self.style == "generic":
+            return to_gbnf(self.schema())
+        if self.choice == "auto":
+            return ""
+        calls = self._calls()
+        call = to_gbnf(calls[0] if len(calls) == 1 else {"anyOf": calls})
+        call = re.sub(r"^root ::=", "call ::=", call, count=1, flags=re.MULTILINE)
+        tagged = '"<tool_call>\\n" call "\\n</tool_call>"'
+        root = f"root ::= {tagged} (\"\\n\" {tagged})*" if self.parallel else f"root ::= {tagged}"
+        return call + "\n" + root + "\n"
+
+    def _calls(self) -> list[dict]:
+        return [{"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
+                 "required": ["name", "arguments"]} for f in self.tools
+                if self.choice in ("auto", "required") or f["name"] == self.choice]
+
     def schema(self) -> dict:
-        calls = [{"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
-                  "required": ["name", "arguments"]} for f in self.tools
-                 if self.choice in ("auto", "required") or f["name"] == self.choice]
+        calls = self._calls()
         call = calls[0] if len(calls) == 1 else {"anyOf": calls}
         if self.parallel:
             wrapped = {"type": "object", "properties": {"tool_calls": {"type": "array", "items": call, "minItems": 1}},
@@ -104,10 +139,21 @@ class ToolPlan:
         text = {"type": "object", "properties": {"response": {"type": "string"}}, "required": ["response"]}
         return {"anyOf": [wrapped, text]}
 
-    @staticmethod
-    def parse(text: str) -> tuple[str | None, list[dict]]:
+    def parse(self, text: str) -> tuple[str | None, list[dict]]:
         """(text answer, tool calls in OpenAI's shape) of a model's answer; an answer that is not
-        the JSON object asked for (cut by the token limit) comes back as text."""
+        what was asked for (cut by the token limit, say) comes back as text."""
+        if self.style == "hermes":
+            calls = []
+            for block in _HERMES_CALL.findall(text):
+                try:
+                    obj = json.loads(block)
+                except json.JSONDecodeError:
+                    return text, []
+                calls.append(obj)
+            if not calls:
+                return text, []
+            rest = _HERMES_CALL.sub("", text).strip()
+            return rest or None, [_openai_call(c) for c in calls if isinstance(c, dict)]
         try:
             obj = json.loads(text)
         except json.JSONDecodeError:
@@ -118,17 +164,18 @@ class ToolPlan:
         if calls is None:
             resp = obj.get("response")
             return (resp if isinstance(resp, str) else text), []
-        out = []
-        for c in calls:
-            if isinstance(c, dict) and isinstance(c.get("name"), str):
-                out.append({"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                            "function": {"name": c["name"], "arguments": json.dumps(c.get("arguments", {}))}})
-        return None, out
+        return None, [_openai_call(c) for c in calls if isinstance(c, dict) and isinstance(c.get("name"), str)]
 
 
-def history_message(msg: dict, index: int) -> dict:
-    """A chat message of the request as the template gets it: an assistant's earlier tool calls
-    as the JSON it answered, a tool's result as a user message naming the call."""
+def _openai_call(c: dict) -> dict:
+    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+            "function": {"name": str(c.get("name", "")), "arguments": json.dumps(c.get("arguments", {}))}}
+
+
+def history_message(msg: dict, index: int, style: str = "generic") -> dict:
+    """A chat message of the request as the template gets it. Generic: an assistant's earlier
+    tool calls as the JSON it answered, a tool's result as a user message naming the call.
+    Hermes: as they are, the calls' arguments as objects (the template writes them as JSON)."""
     role = msg["role"]
     if role == "assistant" and msg.get("tool_calls"):
         calls = msg["tool_calls"]
@@ -145,8 +192,13 @@ def history_message(msg: dict, index: int) -> dict:
             except json.JSONDecodeError as e:
                 raise ToolError(f"messages[{index}].tool_calls: arguments are not JSON: {e}") from e
             parsed.append({"name": f["name"], "arguments": args})
+        if style == "hermes":
+            return {"role": "assistant", "content": msg.get("content") or "",
+                    "tool_calls": [{"type": "function", "function": c} for c in parsed]}
         body = {"tool_call": parsed[0]} if len(parsed) == 1 else {"tool_calls": parsed}
         return {"role": "assistant", "content": json.dumps(body)}
+    if role == "tool" and style == "hermes":
+        return {"role": "tool", "content": msg.get("content") or "", "tool_call_id": msg.get("tool_call_id")}
     if role == "tool":
         who = msg.get("name") or msg.get("tool_call_id") or "a tool"
         return {"role": "user", "content": f"Result of {who}: {msg.get('content') or ''}"}

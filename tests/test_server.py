@@ -595,3 +595,25 @@ def test_tool_calls(server4):
                 {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
                 {"tools": [WEATHER], "response_format": {"type": "json_object"}}):
         assert post(server4, "/v1/chat/completions", {"messages": ask, "max_tokens": 4, **bad}).status_code == 400
+
+
+def test_tool_calls_in_the_templates_own_format(tmp_path):
+    """Qwen 2.5's template writes calls in <tool_call> tags: the tools, calls and results go
+    through the template, and a required call is constrained to those tags."""
+    jsonschema = pytest.importorskip("jsonschema")
+    with running_server(tmp_path, model="qwen2.5-coder-0.5b-instruct", ctx=2048) as srv:
+        client = _client(srv)
+        ask = [{"role": "user", "content": "What is the weather in Paris, in celsius?"}]
+        r = client.chat.completions.create(model="m", messages=ask, tools=[WEATHER, ADD], tool_choice="required",
+                                           temperature=0, max_tokens=80)
+        calls = r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "tool_calls" and calls and calls[0].function.name == "get_weather"
+        jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER["function"]["parameters"])
+        follow = ask + [{"role": "assistant", "content": None, "tool_calls": [calls[0].model_dump()]},
+                        {"role": "tool", "tool_call_id": calls[0].id, "content": "sunny, 21 degrees"}]
+        r2 = client.chat.completions.create(model="m", messages=follow, tools=[WEATHER, ADD], temperature=0,
+                                            max_tokens=40)
+        m2 = r2.choices[0].message
+        assert m2.content or m2.tool_calls
+        tokens = r2.usage.prompt_tokens
+        assert tokens > r.usage.prompt_tokens  # the call and its result are in the prompt
