@@ -245,8 +245,9 @@ class Bound:
 
 class Generation:
     """One sequence's answer in progress (`prompt`: its prompt's tokens, for the penalties).
-    begin() samples the first token from the logits of the prompt's last token; then, until `done`, each decode of the pending token (decode_step) is
-    followed by the next sample. The last sampled token is decoded only if generation goes on,
+    begin() samples the first token from the logits of the prompt's last token (call it before
+    another sequence decodes); then, until `done`, each decode of the pending token (decode_step)
+    is followed by the next sample. The last sampled token is decoded only if generation goes on,
     so the sequence holds exactly the prompt and the tokens before it."""
 
     def __init__(self, seq: Sequence, sampling: Sampling, *, bound: Bound | None = None,
@@ -271,6 +272,7 @@ class Generation:
         self._since = 0                     # tokens decoded since the last compression
         self._buffering = False             # the statistics hold only the current query buffer
         self._next_surprisal = math.nan
+        self.started = False
 
     @property
     def n(self) -> int:
@@ -301,6 +303,7 @@ class Generation:
 
     def begin(self) -> list[Piece]:
         """Sample the first token (the sequence's logits must be the prompt's last token's)."""
+        self.started = True
         if self.p.max_tokens == 0:
             return self.finish("length")
         return self._sample()
@@ -381,9 +384,13 @@ def decode_step(ctx: Context, gens: Seq[Generation]) -> list[tuple[Generation, l
 
 
 def generate(ctx: Context, gens: Seq[Generation]) -> Iterator[tuple[Generation, Piece]]:
-    """Run generations to the end together, yielding each released piece as it comes."""
+    """Run generations to the end together, yielding each released piece as it comes. Those not
+    begun yet are begun first: with several, begin each right after its prompt instead (the
+    next sequence's prefill replaces the logits)."""
     try:
         for g in gens:
+            if g.started:
+                continue
             for piece in g.begin():
                 yield g, piece
         while any(not g.done for g in gens):
