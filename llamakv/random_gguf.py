@@ -614,10 +614,12 @@ def _tokenizer_fields(like: str) -> tuple[tuple[str, object, GGUFValueType], ...
     return tuple(fields)
 
 
-def _copy_tokenizer(writer: GGUFWriter, like: str) -> int:
-    """Copy the tokenizer fields; returns the vocabulary size."""
+def _copy_tokenizer(writer: GGUFWriter, like: str, skip: tuple[str, ...] = ()) -> int:
+    """Copy the tokenizer fields (but those in `skip`); returns the vocabulary size."""
     n_vocab = 0
     for key, value, vtype in _tokenizer_fields(like):
+        if key in skip:
+            continue
         if vtype == GGUFValueType.ARRAY:
             writer.add_array(key, value)
             if key == "tokenizer.ggml.tokens":
@@ -677,17 +679,20 @@ class _Filler:
 
 def write_random_gguf(path: str | os.PathLike, arch: str = "llama", *, shape: str | None = None,
                       qtype: str = "f16", seed: int = 0, like: str | os.PathLike | None = None,
-                      progress: bool = False) -> Path:
+                      progress: bool = False, chat_template: str | None = None) -> Path:
     """Write a random-weight GGUF of `arch` (in its real layout if in `ARCHITECTURES`, else the llama
     layout under that name) with the tokenizer of `like` (a GGUF path or a registry model name;
-    SmolLM2 by default). `shape` sizes the llama layout (a name in `SHAPES`). Returns the path."""
+    SmolLM2 by default) and its chat template, or `chat_template` instead. `shape` sizes the llama
+    layout (a name in `SHAPES`). Returns the path."""
     path = Path(path)
     r = _recipe(arch, shape)
     filler = _Filler(seed, qtype)
     w = _Writer(str(path), arch)
     # not the architecture: llama-vocab.cpp gives tokens Phi-3 attributes when general.name has "phi3"
     w.add_name(f"random-{shape or 'tiny'}")
-    n_vocab = _copy_tokenizer(w, str(like or DEFAULT_LIKE))
+    n_vocab = _copy_tokenizer(w, str(like or DEFAULT_LIKE), skip=("tokenizer.chat_template",) if chat_template else ())
+    if chat_template:
+        w.add_string("tokenizer.chat_template", chat_template)
     for key, value in _keys(r, n_vocab).items():
         _add_key(w, f"{arch}.{key}", value)
     for key, value in r.global_keys.items():

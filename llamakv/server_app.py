@@ -283,7 +283,7 @@ def create_app(engine: Engine, api_key: str | None = None):
         if plan is not None:
             clean = plan.messages(clean)
         try:
-            tools = plan.openai_tools() if plan is not None and plan.style == "hermes" else None
+            tools = plan.openai_tools() if plan is not None and plan.style != "generic" else None
             text = engine.context.chat_prompt(clean, tools=tools)
             # where the last user message begins: the query-agnostic mode compresses before it
             last = max((i for i, msg in enumerate(clean) if msg["role"] in ("user", "tool")), default=0)

@@ -1,18 +1,21 @@
 """Tool calls for the chat endpoint.
 
-Two formats, chosen by the model's chat template:
+Three formats, chosen by the model's chat template:
 - "hermes", for templates that write calls in <tool_call></tool_call> tags (Qwen 2.5 and 3,
   Hermes and the models trained on them): the tools, earlier calls and tool results are rendered
   by the template itself; with `tool_choice` "required" or a named function the answer is
   constrained by a grammar to such tags around {"name", "arguments"} objects, with "auto" it is
   free and its tags are parsed.
+- "llama3", for Llama 3.1-3.3's templates (they ask for {"name", "parameters"} JSON and send
+  results as "ipython"): rendered by the template; a required or named call is constrained to
+  that JSON object, one call at a time (the template writes no more); "auto" is parsed.
 - "generic", llama-server's format for every other template: the tools are described in a system
   message and the answer is constrained to a JSON object, {"tool_call": {"name", "arguments"}}
   (or {"tool_calls": [...]} with parallel calls), or {"response": "..."} where "auto" allows a
   text answer. Earlier calls and tool results are written back in that format.
 Constrained arguments follow each tool's JSON schema, so such a call is valid whatever the model.
-Other native formats (Llama 3's, Mistral's [TOOL_CALLS]) are not recognised: those templates get
-the generic one.
+Other native formats (Mistral's [TOOL_CALLS], Command-R's, DeepSeek's, ...) are not recognised:
+those templates get the generic one.
 """
 from __future__ import annotations
 
@@ -25,8 +28,17 @@ _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
 def style_of(template: str | None) -> str:
-    """The tool-call format of a chat template: "hermes" or "generic"."""
-    return "hermes" if template and "<tool_call>" in template and "tools" in template else "generic"
+    """The tool-call format of a chat template: "hermes", "llama3" or "generic"."""
+    if not template or "tools" not in template:
+        return "generic"
+    # JSON {"name", "arguments"} inside the tags (not the XML or key/value formats some templates
+    # write in the same tags)
+    if "<tool_call>" in template and ("<args-json-object>" in template or "<args-dict>" in template) \
+            and "<tool_calls>[" not in template:
+        return "hermes"
+    if "ipython" in template and '"parameters"' in template:
+        return "llama3"
+    return "generic"
 
 
 class ToolError(ValueError):
@@ -71,7 +83,7 @@ class ToolPlan:
             raise ToolError("tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", ...}")
         if parallel is not None and not isinstance(parallel, bool):
             raise ToolError("parallel_tool_calls must be true or false")
-        return cls(funcs, choice, bool(parallel), style)
+        return cls(funcs, choice, bool(parallel) and style != "llama3", style)
 
     def openai_tools(self) -> list[dict]:
         return [{"type": "function", "function": f} for f in self.tools]
@@ -94,7 +106,7 @@ class ToolPlan:
     def messages(self, messages: list[dict]) -> list[dict]:
         """The conversation with the tools described first (in the system message, if any) and
         earlier calls and results written in the answer format."""
-        if self.style == "hermes":
+        if self.style != "generic":
             return messages  # the template renders the tools (Context.chat_prompt(tools=...))
         out, intro = [], self.system_message()
         for m in messages:
@@ -114,6 +126,9 @@ class ToolPlan:
             return to_gbnf(self.schema())
         if self.choice == "auto":
             return ""
+        if self.style == "llama3":
+            calls = self._calls("parameters")
+            return to_gbnf(calls[0] if len(calls) == 1 else {"anyOf": calls})
         calls = self._calls()
         call = to_gbnf(calls[0] if len(calls) == 1 else {"anyOf": calls})
         call = re.sub(r"^root ::=", "call ::=", call, count=1, flags=re.MULTILINE)
@@ -121,9 +136,9 @@ class ToolPlan:
         root = f"root ::= {tagged} (\"\\n\" {tagged})*" if self.parallel else f"root ::= {tagged}"
         return call + "\n" + root + "\n"
 
-    def _calls(self) -> list[dict]:
-        return [{"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
-                 "required": ["name", "arguments"]} for f in self.tools
+    def _calls(self, key: str = "arguments") -> list[dict]:
+        return [{"type": "object", "properties": {"name": {"const": f["name"]}, key: f["parameters"]},
+                 "required": ["name", key]} for f in self.tools
                 if self.choice in ("auto", "required") or f["name"] == self.choice]
 
     def schema(self) -> dict:
@@ -142,6 +157,14 @@ class ToolPlan:
     def parse(self, text: str) -> tuple[str | None, list[dict]]:
         """(text answer, tool calls in OpenAI's shape) of a model's answer; an answer that is not
         what was asked for (cut by the token limit, say) comes back as text."""
+        if self.style == "llama3":
+            try:
+                obj = json.loads(text.strip().removeprefix("<|python_tag|>"))
+            except json.JSONDecodeError:
+                return text, []
+            if isinstance(obj, dict) and isinstance(obj.get("name"), str) and ("parameters" in obj or "arguments" in obj):
+                return None, [_openai_call({"name": obj["name"], "arguments": obj.get("parameters", obj.get("arguments"))})]
+            return text, []
         if self.style == "hermes":
             calls = []
             for block in _HERMES_CALL.findall(text):
@@ -192,12 +215,12 @@ def history_message(msg: dict, index: int, style: str = "generic") -> dict:
             except json.JSONDecodeError as e:
                 raise ToolError(f"messages[{index}].tool_calls: arguments are not JSON: {e}") from e
             parsed.append({"name": f["name"], "arguments": args})
-        if style == "hermes":
+        if style in ("hermes", "llama3"):
             return {"role": "assistant", "content": msg.get("content") or "",
                     "tool_calls": [{"type": "function", "function": c} for c in parsed]}
         body = {"tool_call": parsed[0]} if len(parsed) == 1 else {"tool_calls": parsed}
         return {"role": "assistant", "content": json.dumps(body)}
-    if role == "tool" and style == "hermes":
+    if role == "tool" and style in ("hermes", "llama3"):
         return {"role": "tool", "content": msg.get("content") or "", "tool_call_id": msg.get("tool_call_id")}
     if role == "tool":
         who = msg.get("name") or msg.get("tool_call_id") or "a tool"

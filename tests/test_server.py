@@ -617,3 +617,55 @@ def test_tool_calls_in_the_templates_own_format(tmp_path):
         assert m2.content or m2.tool_calls
         tokens = r2.usage.prompt_tokens
         assert tokens > r.usage.prompt_tokens  # the call and its result are in the prompt
+
+
+# a Llama 3.1-style template, written for this test: tools in a system turn that asks for
+# {"name", "parameters"} JSON, results in "ipython" turns
+LLAMA3_STYLE = """{%- if tools %}<|start_header_id|>system<|end_header_id|>
+
+Environment: ipython
+Answer a function call as JSON: {"name": function name, "parameters": dictionary of its arguments}.
+{%- for t in tools %}
+{{ t | tojson }}
+{%- endfor %}<|eot_id|>
+{%- endif %}
+{%- for m in messages %}
+{%- if m.role == 'tool' or m.role == 'ipython' %}<|start_header_id|>ipython<|end_header_id|>
+
+{{ m.content }}<|eot_id|>
+{%- elif m.tool_calls %}<|start_header_id|>assistant<|end_header_id|>
+
+{%- for c in m.tool_calls %}{"name": "{{ c.function.name }}", "parameters": {{ c.function.arguments | tojson }}}{%- endfor %}<|eot_id|>
+{%- else %}<|start_header_id|>{{ m.role }}<|end_header_id|>
+
+{{ m.content }}<|eot_id|>
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>
+
+{% endif %}"""
+
+
+def test_tool_calls_in_the_llama3_format(tmp_path):
+    """A template of Llama 3's shape: a required call is constrained to its {"name", "parameters"}
+    JSON, which comes back as an OpenAI tool call; the call and its result go back through it.
+    Random weights: only the constraint makes the call valid."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from llamakv.random_gguf import write_random_gguf
+    from llamakv.tools import style_of
+
+    assert style_of(LLAMA3_STYLE) == "llama3"
+    model = write_random_gguf(tmp_path / "llama3-style.gguf", chat_template=LLAMA3_STYLE)
+    with running_server(tmp_path, model=str(model), ctx=2048) as srv:
+        client = _client(srv)
+        ask = [{"role": "user", "content": "What is 2 + 3?"}]
+        r = client.chat.completions.create(model="m", messages=ask, tools=[ADD], tool_choice="required",
+                                           temperature=0, max_tokens=120)
+        calls = r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "tool_calls" and len(calls) == 1 and calls[0].function.name == "add"
+        jsonschema.validate(json.loads(calls[0].function.arguments), ADD["function"]["parameters"])
+        follow = ask + [{"role": "assistant", "content": None, "tool_calls": [calls[0].model_dump()]},
+                        {"role": "tool", "tool_call_id": calls[0].id, "content": "5"}]
+        r2 = client.chat.completions.create(model="m", messages=follow, tools=[ADD], tool_choice="none",
+                                            temperature=0, max_tokens=4)
+        assert r2.usage.prompt_tokens > r.usage.prompt_tokens
