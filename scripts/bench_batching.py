@@ -70,6 +70,7 @@ def main() -> int:
         rc = llama_cpp.llama_decode(ctx, batch)
         if rc != 0:
             raise SystemExit(f"llama_decode returned {rc}")
+        llama_cpp.llama_synchronize(ctx)  # on a GPU the call returns before the work is done
 
     def reset():
         llama_cpp.llama_memory_seq_rm(mem, -1, -1, -1)
