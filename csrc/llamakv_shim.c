@@ -46,6 +46,8 @@ enum {
     ERR_BAD_TYPE = 4,
     ERR_LAYER = 5,
     ERR_NO_MEMORY = 6,
+    ERR_DEVICE = 7,
+    ERR_DEVICE_SHAPE = 8,
 };
 
 /* ggml op number of an op name ("ROPE", "RESHAPE", ...), -1 if unknown: lets Python name ops */
@@ -64,6 +66,8 @@ const char * llamakv_error_string(int32_t code) {
         case ERR_BAD_TYPE:         return "tensor type not supported";
         case ERR_LAYER:            return "layer index out of range";
         case ERR_NO_MEMORY:        return "out of memory";
+        case ERR_DEVICE:           return "the device could not compute the scores";
+        case ERR_DEVICE_SHAPE:     return "the cache tensors do not have the shape the scores need";
         default:                   return "unknown error";
     }
 }
@@ -211,6 +215,35 @@ static bool is_hadamard(const struct ggml_tensor * t) {
     return t->op == GGML_OP_MUL_MAT && t->src[0] != NULL && strcmp(t->src[0]->name, "attn_inp_k_rot") == 0;
 }
 
+/* The persistent cache tensor (`prefix`<il>, [n_embd, kv_size, n_stream], in a buffer, not a
+ * node) that an attention operand views, through permutes, copies and casts; NULL where the
+ * operand is something else, e.g. the scheduler's copy of a cache on another backend. */
+static void * cache_tensor(const struct ggml_tensor * t, const char * prefix) {
+    for (int depth = 0; t != NULL && depth < 8; ++depth) {
+        const struct ggml_tensor * b = t->view_src;  /* ggml keeps the root of a chain of views */
+        if (b != NULL && b->op == GGML_OP_NONE && b->buffer != NULL && strncmp(b->name, prefix, strlen(prefix)) == 0) {
+            return (void *) b;
+        }
+        if (t->op != GGML_OP_VIEW && t->op != GGML_OP_PERMUTE && t->op != GGML_OP_RESHAPE &&
+            t->op != GGML_OP_TRANSPOSE && t->op != GGML_OP_CONT && t->op != GGML_OP_CPY) {
+            return NULL;
+        }
+        t = t->src[0];
+    }
+    return NULL;
+}
+
+/* Whether V reaches an attention through a view with a row per dimension (llama.cpp's v_trans,
+ * without flash attention): its view's nb[1] (a dimension's stride) exceeds nb[2]. */
+static int32_t v_view_transposed(const struct ggml_tensor * t) {
+    for (int depth = 0; t != NULL && depth < 8; ++depth, t = t->src[0]) {
+        if (t->op == GGML_OP_VIEW && t->view_src != NULL && t->view_src->op == GGML_OP_NONE) {
+            return t->nb[1] > t->nb[2];
+        }
+    }
+    return 0;
+}
+
 /* Follow an attention node's query back to the pre-RoPE query and record it as layer il's. */
 static void learn_attention(llamakv_capture * c, const struct ggml_tensor * a) {
     float scale = 0, softcap = 0, max_bias = 0;
@@ -277,6 +310,20 @@ static void learn_attention(llamakv_capture * c, const struct ggml_tensor * a) {
     c->logit[il * 3 + 2] = max_bias;
     c->k_rot[il] = k_rot;
     c->n_kv[il] = (int32_t) (a->op == GGML_OP_FLASH_ATTN_EXT ? a->src[1]->ne[1] : a->src[0]->ne[0]);
+    if (c->k_cache != NULL) {
+        if (a->op == GGML_OP_FLASH_ATTN_EXT) {
+            c->k_cache[il] = cache_tensor(a->src[1], "cache_k_l");
+            c->v_cache[il] = cache_tensor(a->src[2], "cache_v_l");
+            c->v_trans[il] = v_view_transposed(a->src[2]);
+        } else {
+            /* soft_max(k q): the kq product's first operand; V comes with the product that reads
+             * this softmax (note_graph) */
+            const struct ggml_tensor * kq = a->src[0];
+            while (kq != NULL && kq->op != GGML_OP_MUL_MAT) kq = kq->src[0];
+            c->k_cache[il] = kq != NULL ? cache_tensor(kq->src[0], "cache_k_l") : NULL;
+            c->attn_node[il] = (void *) a;
+        }
+    }
     if (sinks != NULL && sinks->type == GGML_TYPE_F32 && sinks->ne[0] == c->n_head && sinks->buffer) {
         ggml_backend_tensor_get(sinks, c->sinks + (int64_t) il * c->n_head, 0, c->n_head * sizeof(float));
         c->has_sinks[il] = 1;
@@ -299,6 +346,15 @@ static void note_graph(llamakv_capture * c, const struct ggml_tensor * t) {
     if (c->learn && c->seen != NULL) {
         c->seen[c->seen_head] = (void *) t;
         c->seen_head = (c->seen_head + 1) % c->seen_cap;
+    }
+    if (c->learn && c->attn_node != NULL && t->op == GGML_OP_MUL_MAT && t->src[1] != NULL) {
+        for (int32_t il = 0; il < c->n_layer; ++il) {  /* kqv = v x softmax(kq) */
+            if (c->attn_node[il] == (void *) t->src[1]) {
+                c->v_cache[il] = cache_tensor(t->src[0], "cache_v_l");
+                c->v_trans[il] = v_view_transposed(t->src[0]);
+                c->attn_node[il] = NULL;
+            }
+        }
     }
     if (!is_attention(t)) return;
     if (c->learn) { learn_attention(c, t); return; }

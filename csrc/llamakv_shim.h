@@ -69,6 +69,11 @@ typedef struct llamakv_capture {
     int32_t * rope_has_factors;/* [n_layer] */
     int32_t * rope_seen;       /* [n_layer] */
     int32_t * n_kv;            /* [n_layer]: width of the last attention (cells attended) */
+    void ** k_cache;           /* [n_layer]: the K cache tensor the layer's attention reads (learnt;
+                                  NULL where it reads a copy: a cache on another backend) */
+    void ** v_cache;           /* [n_layer]: the V cache tensor, likewise */
+    int32_t * v_trans;         /* [n_layer]: 1 where V is stored transposed (a row per dimension) */
+    void ** attn_node;         /* [n_layer]: while learning, each layer's attention node */
 
     /* optional probe: copy the F32 tensor with this name and op (tests, debugging) */
     char probe_name[64];
@@ -162,3 +167,41 @@ void llamakv_switch_callback(void * ctx, int64_t slot, void * get_sched, void * 
 /* Pinned host memory of the first GPU, NULL if there is none. */
 void * llamakv_pinned_alloc(size_t size, void ** handle);
 void llamakv_pinned_free(void * handle);
+
+/* ---- scoring on the cache's own device (llamakv_device.c) ----
+ * The K and V cache tensors of each layer (llama.cpp's cache_k_l<il>, cache_v_l<il>, shaped
+ * [n_embd, kv_size, n_stream]) are found while learning the layout (llamakv_capture.k_cache /
+ * v_cache). Expected Attention's scores are then computed from them with a ggml graph on the
+ * backend that holds them, so that only scores cross to the host. The cells scored are cells
+ * 0 .. n_cells - 1 of `stream`, in cell order (llamakv keeps a sequence's cells there). */
+
+/* A backend for the device holding tensor `t` (a ggml_tensor *), started once per device; NULL
+ * where its buffer is not the device's own (e.g. host memory of a GPU). Also runs a small graph
+ * the first time, so that what a device starts lazily (cuBLAS) is ready before it is needed. */
+void * llamakv_device_backend(void * t, int32_t n_threads);
+const char * llamakv_device_name(void * backend);
+int32_t llamakv_device_is_gpu(void * backend);  /* 0: the CPU backend */
+
+/* Expected Attention (and, with n_anchor > 0, KeyDiff) of n_layer layers, on the device (the
+ * `backend` of llamakv_device_backend), from the layers' cache tensors k_cache/v_cache (v_trans: V
+ * stored transposed):
+ *   w [n_layer][n_head][2 head_dim + n_pairs]: per query head the weights of k, k*k (dimensions in
+ *     their stored order) and of the products of each rotated pair, pairs laid out as pair_kind
+ *     says (1: dims p and n_pairs + p, NEOX; 2: dims 2p and 2p + 1, normal; 0: no pairs);
+ *   caps [n_layer]: logit soft cap, 0 for none; sinks [n_layer][n_head] or NULL (NaN rows: none);
+ *   scored [n_cells]: cells in the softmax (0: a sink, +inf in out);
+ *   anchor_cells [n_anchor]: the cells KeyDiff's anchor is the normalised mean of.
+ * out [n_layer][n_head_kv][n_cells] as llamakv_ea_attention; keydiff_sums [n_layer][n_cells]: KeyDiff's
+ * scores summed over the KV heads. Returns 0 or an error code (llamakv_error_string). */
+int32_t llamakv_device_ea_scores(void * backend, void ** k_cache, void ** v_cache, const int32_t * v_trans,
+                                 int32_t n_layer, int32_t stream, int64_t n_cells, int32_t n_head, int32_t n_head_kv,
+                                 int32_t head_dim, const float * w, int32_t n_pairs, int32_t pair_kind,
+                                 const float * caps, const float * sinks, const uint8_t * scored, int32_t use_vnorm,
+                                 float epsilon, const int32_t * anchor_cells, int64_t n_anchor, float * out,
+                                 float * keydiff_sums);
+
+/* Compaction's data movement on the device: for each of n_tensors (K, V) pairs of cache tensors,
+ * cells 0 .. n_kept - 1 of `stream` take the contents of cells kept[0 .. n_kept) (ascending), bytes
+ * unchanged; the cells' metadata is llama.cpp's to update (device.py). */
+int32_t llamakv_device_gather(void * backend, void ** k_cache, void ** v_cache, const int32_t * v_trans, int32_t n_tensors,
+                              int32_t stream, int64_t n_cells, const int32_t * kept, int64_t n_kept);

@@ -24,7 +24,7 @@ import numpy as np
 from .errors import ShimBuildError
 
 _SRC_DIR = Path(__file__).resolve().parent / "csrc"
-_SOURCES = ("llamakv_shim.c", "llamakv_shim.h")
+_SOURCES = ("llamakv_shim.c", "llamakv_device.c", "llamakv_shim.h")
 _LOCK = threading.Lock()
 _LOADED = None
 
@@ -80,7 +80,7 @@ def _cpu_flags() -> str:
 def _compile(cc: str, flags: list[str], libs: list[str], out_dir: Path, verbose: bool) -> tuple[Path | None, str]:
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
     os.close(fd)
-    cmd = [cc, *flags, str(_SRC_DIR / "llamakv_shim.c"), "-o", tmp, *libs]
+    cmd = [cc, *flags, *(str(_SRC_DIR / name) for name in _SOURCES if name.endswith(".c")), "-o", tmp, *libs]
     if verbose:
         print("llamakv: building the C shim:", " ".join(cmd), file=sys.stderr)
     try:

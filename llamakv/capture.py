@@ -163,6 +163,11 @@ class Capture:
         self.attn_layer = np.full(n_layer, -1, dtype=np.int32)
         self.layer_on = np.ones(n_layer, dtype=np.int32)  # layers whose queries are captured
         self._seen = np.zeros(4096, dtype=np.uint64)  # node pointers, while learning (csrc: copied_from)
+        # each layer's K and V cache tensors (ggml_tensor pointers; 0: not found), learnt with the layout
+        self.k_cache = np.zeros(n_layer, dtype=np.uint64)
+        self.v_cache = np.zeros(n_layer, dtype=np.uint64)
+        self.v_trans = np.zeros(n_layer, dtype=np.int32)
+        self._attn_node = np.zeros(n_layer, dtype=np.uint64)
         self.layout: AttentionLayout | None = None
         # pinned when there is a GPU: queries are copied from the device into it
         self._q_stage_buffer = _shim.HostBuffer()
@@ -197,6 +202,10 @@ class Capture:
         c.attn_layer = _shim.ptr("int32_t *", self.attn_layer)
         c.layer_on = _shim.ptr("int32_t *", self.layer_on)
         c.seen = ffi.cast("void **", self._seen.ctypes.data)
+        c.k_cache = ffi.cast("void **", self.k_cache.ctypes.data)
+        c.v_cache = ffi.cast("void **", self.v_cache.ctypes.data)
+        c.v_trans = _shim.ptr("int32_t *", self.v_trans)
+        c.attn_node = ffi.cast("void **", self._attn_node.ctypes.data)
         c.seen_cap = len(self._seen)
         c.q_stage = _shim.ptr("float *", self._q_stage)
         c.scratch = _shim.ptr("float *", self._scratch)
@@ -243,7 +252,8 @@ class Capture:
         """The next decode call only looks at the graph: it records each layer's attention
         (see the shim) and captures nothing."""
         for a in (self.q_names, self.rope_names, self.logit, self.sinks, self.has_sinks, self.k_rot,
-                  self.rope_params, self.rope_factors, self.rope_has_factors, self.rope_seen):
+                  self.rope_params, self.rope_factors, self.rope_has_factors, self.rope_seen,
+                  self.k_cache, self.v_cache, self.v_trans, self._attn_node):
             a[:] = 0
         self.q_ops[:] = -1
         self.attn_layer[:] = -1

@@ -21,6 +21,7 @@ from typing import Iterator, Sequence as Seq
 import numpy as np
 
 from .cache import position_runs
+from .device import compact as device_compact
 from .errors import CacheFullError, LlamaKVError
 from .scoring import ExpectedAttention, ExpectedAttentionKeyDiff, Press, QuestionAware, aggregate
 from .sequence import Sequence
@@ -47,6 +48,7 @@ class CompressionReport:
     n_kv_before: int
     question_tokens: int = 0  # a question decoded for the scoring only, then removed (not in the cells above)
     sliding_cells: int = 0    # cells of the sliding-window cache (iSWA models), kept as they are
+    device: str = ""          # where the cells were scored and compacted: the cache's device, "" for the host
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -61,7 +63,7 @@ class CompressionReport:
             f"KV bytes      {mib(self.kv_bytes_before):.2f} MiB -> {mib(self.kv_bytes_after):.2f} MiB",
             f"time          capture {self.capture_s * 1e3:.1f} ms, state read {self.state_read_s * 1e3:.1f} ms, "
             f"scoring {self.scoring_s * 1e3:.1f} ms, eviction {self.eviction_s * 1e3:.1f} ms, "
-            f"compaction {self.compaction_s * 1e3:.1f} ms",
+            f"compaction {self.compaction_s * 1e3:.1f} ms" + (f" (on {self.device})" if self.device else ""),
         ])
 
     @property
@@ -86,6 +88,12 @@ class Compressor:
     n_sink: int = 4
     recent: int = 64
     full_covariance: bool = False
+    # where compress() scores and compacts: None on the cache's device when it is a GPU (nothing of
+    # the cache crosses the bus, device.py) and on the host otherwise; True on the cache's device
+    # whatever it is (the CPU backend for a CPU cache); False on the host. The device path covers
+    # Expected Attention and ea_keydiff; other presses, sliding-window models and question-guided
+    # compression are scored on the host.
+    device: bool | None = None
 
     def __post_init__(self):
         if self.press is None:
@@ -112,11 +120,18 @@ class Compressor:
                                                compact=compact, protect_recent=protect_recent, n_future=n_future)
         ctx = seq.ctx
         n_kv_before = int(ctx.capture.n_kv.max())
+        on_device = self.on_device(seq, press)
 
         t0 = time.perf_counter()
-        raw = seq.cache.get_state(ctx.state_in)
+        if on_device:
+            raw, bytes_before = None, seq.cache.state_size()
+            inputs = seq.device_score_inputs(n_future)
+        else:
+            raw = seq.cache.get_state(ctx.state_in)
+            bytes_before = len(raw)
         t1 = time.perf_counter()
-        inputs = seq.score_inputs(raw, n_future)
+        if raw is not None:
+            inputs = seq.score_inputs(raw, n_future)
         pos = inputs.pos
         protected = (pos < self.n_sink) | (pos >= seq.next_pos - max(1, protect_recent))
         candidates = np.flatnonzero(~protected)
@@ -136,9 +151,15 @@ class Compressor:
         # a sliding-window model's cells leave the global cache only: its state is edited (seq_rm
         # would free the sliding cache's cells of those positions too)
         compacted = (compact or ctx.cache_layout.iswa) and n_evict > 0
-        if compacted:
-            keep = np.ones(len(pos), dtype=bool)
-            keep[evict_rows] = False
+        keep = np.ones(len(pos), dtype=bool)
+        keep[evict_rows] = False
+        if on_device:
+            t3 = time.perf_counter()
+            if compacted:
+                device_compact(ctx.device, seq.cache, pos, keep)
+            else:
+                seq.cache.evict(evicted)
+        elif compacted:
             edited = inputs.state.keep(np.flatnonzero(keep), ctx.state_out)
             t3 = time.perf_counter()
             seq.cache.set_state(edited, fallback=raw)
@@ -146,6 +167,9 @@ class Compressor:
             seq.cache.evict(evicted)
             t3 = time.perf_counter()
         t4 = time.perf_counter()
+        if n_evict > 0:
+            # compacted: the cells in the state's order, which is the positions' where it was
+            seq.cells_in_order = compacted and bool(np.all(np.diff(pos[keep]) > 0))
         kept = np.ones(seq.n_cells, dtype=bool)  # in the sorted order of the positions
         kept[np.searchsorted(seq.cell_positions(), evicted)] = False
         seq.keep_cells(kept)
@@ -153,14 +177,24 @@ class Compressor:
         report = CompressionReport(
             method=press.name, aggregation=aggregation, ratio=ratio,
             cells_before=len(pos), cells_after=seq.n_cells, evicted=len(evict_rows), runs=runs,
-            kv_bytes_before=len(raw), kv_bytes_after=seq.cache.state_size(),
+            kv_bytes_before=bytes_before, kv_bytes_after=seq.cache.state_size(),
             protected_cells=int(protected.sum()), compacted=compacted,
             capture_s=seq.queries.capture_seconds - seq.capture_mark, state_read_s=t1 - t0,
             scoring_s=t2 - t1, eviction_s=t3 - t2, compaction_s=t4 - t3, n_kv_before=n_kv_before,
-            sliding_cells=sum(sec.n_cells for sec in inputs.state.sections[1:]))
+            sliding_cells=0 if on_device else sum(sec.n_cells for sec in inputs.state.sections[1:]),
+            device=ctx.device.name if on_device else "")
         seq.capture_mark = seq.queries.capture_seconds
         seq.reports.append(report)
         return report
+
+    def on_device(self, seq: Sequence, press: Press) -> bool:
+        """Whether compress() scores and compacts this sequence on its cache's device (`device`)."""
+        dev = seq.ctx.device
+        if self.device is False or dev is None or not dev.available or not (self.device or dev.is_gpu):
+            return False
+        ea = press.expected_attention if isinstance(press, ExpectedAttentionKeyDiff) else press
+        return (isinstance(ea, ExpectedAttention) and not ea.device_unsupported() and seq.cells_in_order
+                and not seq.ctx.cache_layout.iswa)
 
     def compress_to(self, seq: Sequence, n_cells: int, *, protect_recent: int | None = None,
                     **kw) -> CompressionReport | None:

@@ -28,6 +28,7 @@ from llama_cpp import _internals
 from . import _shim
 from .architectures import CacheLayout, spec_for
 from .capture import AttentionLayout, Capture, SeqCapture, Segment
+from .device import DeviceCache
 from .errors import CacheFullError, LlamaKVError, ModelError, UnsupportedModelError
 from .models import check_gguf, load_llama, resolve_model
 
@@ -170,6 +171,8 @@ class Context:
         self._ends_sentence: np.ndarray | None = None
         self._eog: list[int] | None = None
         self.layout = self._learn_layout()
+        # the cache tensors where they lie, for compression on their device (device.py)
+        self.device = DeviceCache(self)
 
     def _install_callback(self, params) -> None:
         llama = self.llama

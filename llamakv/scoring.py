@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 
@@ -22,10 +22,13 @@ from .errors import LlamaKVError
 from .rope import RopeParams
 from .stats import QueryStats
 
+if TYPE_CHECKING:
+    from .device import DeviceCells
+
 
 @dataclass
 class ScoreInputs:
-    state: SeqState          # the sequence's cells as llama.cpp holds them
+    state: SeqState | None   # the sequence's cells as llama.cpp holds them (None: scored where they lie, `device`)
     stats: QueryStats        # pre-RoPE query statistics
     rope: Callable[[int], RopeParams]
     next_pos: int            # position the next token will take
@@ -45,6 +48,8 @@ class ScoreInputs:
     logit_scale: np.ndarray | None = None   # [n_layer]
     softcap: np.ndarray | None = None       # [n_layer], 0 where there is none
     sink_logits: np.ndarray | None = None   # [n_layer, n_head] learned sink logits, NaN rows where none
+    device: "DeviceCells | None" = None     # the cells in the cache tensors of a device, instead of `state`
+    n_device_layers: int = 0                # the layers scored there
 
     def scale(self, layer: int) -> float:
         """The factor of q.k in the layer's attention logit."""
@@ -74,15 +79,15 @@ class ScoreInputs:
 
     @property
     def pos(self) -> np.ndarray:
-        return self.state.pos
+        return self.state.pos if self.device is None else self.device.pos
 
     @property
     def n_layer(self) -> int:
-        return len(self.state.k)
+        return len(self.state.k) if self.device is None else self.n_device_layers
 
     @property
     def n_cells(self) -> int:
-        return self.state.n_cells
+        return self.state.n_cells if self.device is None else self.device.n_cells
 
     def layer_keys(self, layer: int) -> np.ndarray:
         """Keys after RoPE of one layer as float32 [n_cells, n_head_kv, head_dim]."""
@@ -211,6 +216,34 @@ class ExpectedAttention:
         m = np.concatenate([w[..., perm], dq[..., perm], c], axis=-1)
         return np.ascontiguousarray(m, dtype=np.float32), np.ascontiguousarray(perm, dtype=np.int32), len(a)
 
+    def device_unsupported(self) -> str:
+        """Why these scores cannot be computed on the cache's device ("" if they can)."""
+        return "the full covariance" if self.use_covariance and self.full_covariance else ""
+
+    def _score_on_device(self, inputs: ScoreInputs, folded, scored: np.ndarray, keydiff_sums: np.ndarray | None,
+                         anchor_sample: int) -> np.ndarray:
+        """score() from the cache tensors where they lie (device.DeviceCache.ea_scores): the folded
+        weights back in the keys' stored order of dimensions, RoPE's pairs by their layout."""
+        m, perm, n_pairs = folded
+        d = inputs.head_dim
+        w = np.empty((inputs.n_layer, inputs.n_head, 2 * d + n_pairs), dtype=np.float32)
+        w[..., perm] = m[..., :d]
+        w[..., d + perm] = m[..., d:2 * d]
+        w[..., 2 * d:] = m[..., 2 * d:]
+        a, b = perm[:n_pairs], perm[n_pairs:2 * n_pairs]
+        p = np.arange(n_pairs)
+        if n_pairs == 0 or (np.array_equal(a, p) and np.array_equal(b, p + n_pairs)):
+            kind = 1
+        elif np.array_equal(a, 2 * p) and np.array_equal(b, 2 * p + 1):
+            kind = 2
+        else:
+            raise LlamaKVError("RoPE's pairs are laid out in a way the device scoring does not know")
+        anchor_cells = None
+        if keydiff_sums is not None:
+            anchor_cells = anchor_sample_cells(scored, anchor_sample)
+        return inputs.device.cache.ea_scores(inputs, w, n_pairs, kind, scored, self.use_vnorm, self.epsilon,
+                                             anchor_cells, keydiff_sums)
+
     def horizon(self, inputs: ScoreInputs) -> int:
         """Future positions RoPE is averaged over: `n_future_positions`, or more where the caller
         knows that queries much further on will read the cells (a streamed prompt)."""
@@ -263,8 +296,10 @@ class ExpectedAttention:
             if keydiff_sums is not None:
                 keydiff_sums[:] = np.inf
             return np.full((inputs.n_layer, inputs.n_head_kv, n), np.inf, dtype=np.float32)
-        out = np.empty((inputs.n_layer, inputs.n_head_kv, n), dtype=np.float32)  # every entry written below
         folded = self._folded(inputs)
+        if inputs.device is not None:
+            return self._score_on_device(inputs, folded, scored, keydiff_sums, anchor_sample)
+        out = np.empty((inputs.n_layer, inputs.n_head_kv, n), dtype=np.float32)  # every entry written below
         lib, ffi = _shim.load().lib, _shim.load().ffi
 
         def score_layer(layer: int) -> None:
@@ -366,6 +401,20 @@ def key_anchor(inputs: ScoreInputs, layer: int, scored: np.ndarray, sample: int 
             inputs.head_dim, _shim.ptr("uint8_t *", scored), stride, _shim.ptr("float *", anchor)):
         raise LlamaKVError(f"cannot read keys of ggml type {lt.type}")
     return anchor
+
+
+def anchor_sample_cells(scored: np.ndarray, sample: int = 0) -> np.ndarray:
+    """The cells key_anchor averages (llamakv_key_anchor's sample): every k-th from k // 2 on that
+    is scored (any, if none is), k = n // sample (1 without a sample); all cells if that leaves none."""
+    n = len(scored)
+    stride = max(1, n // sample) if sample else 1
+    for st in (stride, 1):
+        cells = np.arange(st // 2, n, st)
+        if scored.any():
+            cells = cells[scored[cells] != 0]
+        if len(cells):
+            return cells.astype(np.int32)
+    return np.zeros(0, dtype=np.int32)
 
 
 def _rank_percentile(x: np.ndarray) -> np.ndarray:

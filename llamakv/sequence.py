@@ -19,6 +19,7 @@ import numpy as np
 from . import _shim
 from .cache import LayerTensor, SeqState, SequenceCache, with_streams
 from .context import Context, Part, ProgressFn
+from .device import DeviceCells, first_section_positions
 from .errors import CacheFullError, LlamaKVError, StateError
 from .rope import hadamard
 from .scoring import ScoreInputs
@@ -67,6 +68,10 @@ class Sequence:
         self._logits = (-1, 0)      # (context epoch, batch row) of this sequence's last logits
         self.reports: list = []     # compressor.CompressionReport of every compression since the last reset
         self.capture_mark = 0.0     # capture time already counted in a report
+        # the cells are cells 0 .. n_cells - 1 of the sequence's stream, in the order of their
+        # positions: llama.cpp fills a stream from its lowest free cell and compaction keeps the
+        # order; an eviction without compaction leaves holes (device.py relies on it)
+        self.cells_in_order = True
 
     # -- cells -----------------------------------------------------------------------------
     @property
@@ -230,6 +235,7 @@ class Sequence:
         self.n_cells = 0
         self.reports = []
         self.capture_mark = 0.0
+        self.cells_in_order = True
         self.forget_logits()
 
     # -- scoring ---------------------------------------------------------------------------
@@ -249,11 +255,26 @@ class Sequence:
                                f"{expected} {'global ' if ctx.cache_layout.iswa else ''}layers")
         if parsed.n_cells:
             parsed = self._unrotate_keys(parsed, layers).with_layers(ctx.cache_layout.rows_of(layers))
+        return self._score_inputs(parsed, None, parsed.pos, n_future)
+
+    def device_score_inputs(self, n_future: int = 0) -> ScoreInputs:
+        """score_inputs() for scoring the cells where they lie, on the device of the context's
+        cache (nothing is read): cells 0 .. n_cells - 1 of the sequence's stream, which hold its
+        positions in ascending order while `cells_in_order`."""
+        if not self.cells_in_order:
+            raise LlamaKVError("the sequence's cells are not in position order in its stream: score from its state")
+        pos = self._pos_buf[:self.n_cells].astype(np.int32)
+        return self._score_inputs(None, DeviceCells(self.ctx.device, self.seq_id, pos), pos, n_future)
+
+    def _score_inputs(self, parsed: SeqState | None, device: DeviceCells | None, pos: np.ndarray,
+                      n_future: int) -> ScoreInputs:
+        ctx = self.ctx
+        layers = ctx.scored_layers
         # the ring of recent queries itself, not a copy (33 MB for an 8B model): read before the
         # next decode call overwrites it
         q = self.queries
         slots = q.recent_slots()
-        rows = np.searchsorted(self._pos_buf[:self.n_cells], parsed.pos)  # each cell's row in _pos_buf
+        rows = np.searchsorted(self._pos_buf[:self.n_cells], pos)  # each cell's row in _pos_buf
         attn = [ctx.layout.layers[i] for i in layers]
         sinks = np.full((len(layers), ctx.n_head), np.nan, dtype=np.float32)
         for j, a in enumerate(attn):
@@ -268,7 +289,8 @@ class Sequence:
                            window_pos=q.window_pos[slots].copy(), window_slots=slots,
                            n_future=n_future, surprisal=self._surprisal[rows], sentence_end=self._sentence_end[rows],
                            logit_scale=np.array([a.scale for a in attn]), softcap=np.array([a.softcap for a in attn]),
-                           sink_logits=sinks if not np.isnan(sinks).all() else None)
+                           sink_logits=sinks if not np.isnan(sinks).all() else None,
+                           device=device, n_device_layers=len(layers))
 
     def _unrotate_keys(self, parsed: SeqState, layers: Seq[int]) -> SeqState:
         """With a quantized K cache llama.cpp stores H k for an orthonormal Hadamard matrix H
@@ -309,6 +331,7 @@ class Sequence:
             raise StateError(f"the saved sequence state has a layout llamakv does not know: {e}") from e
         backup = self.cache.get_state() if self.n_cells else None
         self.cache.set_state(state, fallback=backup)
+        self.cells_in_order = bool(np.all(np.diff(first_section_positions(np.frombuffer(state, dtype=np.uint8))) > 0))
         self.queries.load_state_arrays(snap.captured)
         n = len(snap.positions)
         self._pos_buf[:n] = snap.positions

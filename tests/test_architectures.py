@@ -242,3 +242,37 @@ def test_architectures_without_evictable_cells_are_refused_with_the_reason(arch,
     path = write_random_gguf(tmp_path / f"{arch}.gguf", arch)
     with pytest.raises(UnsupportedModelError, match=reason):
         KVSession.from_model(path)
+
+
+def test_scores_and_compaction_on_the_cache_device_equal_the_host_path(arch_session):
+    """The device path (a ggml graph over the cache tensors, here on the CPU backend, and
+    compaction through llama.cpp's device-side states) scores like the host kernels and leaves
+    the very state the host path writes; sliding-window models stay on the host path."""
+    arch, s = arch_session
+    tokens = tokens_of(s, 300)
+    s.prefill(tokens)
+    snap = s.snapshot()
+    s.compressor.device = True
+    try:
+        if s.context.cache_layout.iswa or not s.context.device.available:
+            assert not s.compressor.on_device(s.seq, s.press)
+            assert s.compress(0.5).device == ""
+            return
+        host, dev = s.score_inputs(), s.seq.device_score_inputs()
+        kd_host = np.empty((host.n_layer, host.n_cells), np.float32)
+        kd_dev = np.empty_like(kd_host)
+        ea = ExpectedAttention()
+        a, b = ea.score(host, kd_host, 64), ea.score(dev, kd_dev, 64)
+        finite = np.isfinite(a)
+        assert np.array_equal(finite, np.isfinite(b)) and finite.sum() > 0.9 * a.size
+        np.testing.assert_allclose(b[finite], a[finite], rtol=2e-4, atol=1e-7 * np.abs(a[finite]).max())
+        np.testing.assert_allclose(kd_dev, kd_host, atol=2e-4 * s.n_head_kv)
+        report = s.compress(0.5)
+        assert report.device == "CPU" and report.state_read_s < 0.05
+        on_device = (s.positions, s.cache.get_state().tobytes())
+        s.restore(snap)
+        s.compressor.device = False
+        assert s.compress(0.5).device == ""
+        assert np.array_equal(on_device[0], s.positions) and on_device[1] == s.cache.get_state().tobytes()
+    finally:
+        s.compressor.device = None

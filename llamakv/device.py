@@ -1,0 +1,185 @@
+"""Compression on the device that holds the KV cache.
+
+On a GPU the host path moves a sequence's whole cache over the bus twice per compression (the
+state read for scoring, the compacted state written back) and pins host buffers the size of the
+cache. Here nothing of the cache leaves the device:
+
+- scores: csrc/llamakv_device.c computes Expected Attention (and KeyDiff) from the layers' cache
+  tensors with a ggml graph on the backend that holds them; only the scores come back;
+- eviction: seq_rm of the evicted positions (llama.cpp's cell metadata, on the host);
+- compaction: the sequence is copied into device buffers and back (llama.cpp's
+  LLAMA_STATE_SEQ_FLAGS_ON_DEVICE states), which puts its cells at the bottom of its stream, in
+  order, so that the attention width shrinks; only the cells' positions cross. llama.cpp keeps
+  those buffers (the size of the kept cells) for the sequence's next device copy.
+
+The scores are those of the cells 0 .. n-1 of the sequence's stream, taken to hold its positions
+in ascending order: llama.cpp fills a stream from its lowest free cell, and compaction and
+restores keep the order (Sequence.cells_in_order tracks it; where it does not hold, the host
+path scores from the state, which names every cell's position).
+"""
+from __future__ import annotations
+
+import ctypes
+
+import llama_cpp
+import numpy as np
+
+from . import _shim
+from .errors import LlamaKVError
+
+ON_DEVICE = 2  # LLAMA_STATE_SEQ_FLAGS_ON_DEVICE
+
+
+class DeviceCache:
+    """The cache tensors of a context's scored layers and the device backend that holds them
+    (`backend` None where the path does not apply; `why_not` says why)."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        cap = ctx.capture
+        layers = list(ctx.scored_layers)
+        self.k = cap.k_cache[layers].copy()
+        self.v = cap.v_cache[layers].copy()
+        self.v_trans = np.ascontiguousarray(cap.v_trans[layers], dtype=np.int32)
+        # every (K, V) pair of the cache once (layers that share another's cells read its tensors)
+        pairs = dict.fromkeys(zip(cap.k_cache.tolist(), cap.v_cache.tolist(), cap.v_trans.tolist()))
+        self.all_k, self.all_v, self.all_v_trans = (list(x) for x in zip(*pairs)) if pairs else ([], [], [])
+        self.backend = None
+        self.why_not = ""
+        lib, ffi = _shim.load().lib, _shim.load().ffi
+        if not (self.k.all() and self.v.all() and all(self.all_k) and all(self.all_v)):
+            self.why_not = "the attention does not read the cache tensors directly (a cache on another backend)"
+            return
+        if any(ctx.layout.layers[i].k_rot for i in layers):
+            self.why_not = "keys rotated by a Hadamard transform (quantized K cache)"
+            return
+        threads = int(llama_cpp.llama_n_threads(ctx.ctx))
+        backends = {int(ffi.cast("uintptr_t", lib.llamakv_device_backend(ffi.cast("void *", int(t)), threads)))
+                    for t in self.k}
+        if len(backends) != 1 or 0 in backends:
+            self.why_not = "the cache is spread over several devices or lies in host memory of a GPU"
+            return
+        self.backend = ffi.cast("void *", backends.pop())
+        self.is_gpu = bool(lib.llamakv_device_is_gpu(self.backend))
+        self.name = ffi.string(lib.llamakv_device_name(self.backend)).decode()
+
+    @property
+    def available(self) -> bool:
+        return self.backend is not None
+
+    def stream_of(self, seq_id: int) -> int:
+        """The KV stream holding a sequence: its own with per-sequence streams, else the only one."""
+        return seq_id if self.ctx.n_seq > 1 else 0
+
+    def ea_scores(self, inputs, weights: np.ndarray, n_pairs: int, pair_kind: int, scored: np.ndarray,
+                  use_vnorm: bool, epsilon: float, anchor_cells: np.ndarray | None,
+                  keydiff_sums: np.ndarray | None) -> np.ndarray:
+        """Expected Attention's scores [n_layer, n_head_kv, n_cells] of the cells of `inputs.device`
+        (DeviceCells), as ExpectedAttention.score computes them on the host; KeyDiff's summed
+        scores into `keydiff_sums` [n_layer, n_cells] where `anchor_cells` are given."""
+        cells = inputs.device
+        n, n_layer = cells.n_cells, inputs.n_layer
+        out = np.empty((n_layer, inputs.n_head_kv, n), dtype=np.float32)
+        caps = np.array([inputs.cap(j) for j in range(n_layer)], dtype=np.float32)
+        sinks = None if inputs.sink_logits is None else np.ascontiguousarray(inputs.sink_logits, dtype=np.float32)
+        anchors = None if anchor_cells is None else np.ascontiguousarray(anchor_cells, dtype=np.int32)
+        lib, ffi = _shim.load().lib, _shim.load().ffi
+        keys = np.ascontiguousarray(self.k, dtype=np.uint64)
+        values = np.ascontiguousarray(self.v, dtype=np.uint64)
+        err = lib.llamakv_device_ea_scores(
+            self.backend, ffi.cast("void **", keys.ctypes.data), ffi.cast("void **", values.ctypes.data),
+            _shim.ptr("int32_t *", self.v_trans), n_layer, cells.stream, n, inputs.n_head, inputs.n_head_kv,
+            inputs.head_dim, _shim.ptr("float *", np.ascontiguousarray(weights, dtype=np.float32)), n_pairs,
+            pair_kind, _shim.ptr("float *", caps), ffi.NULL if sinks is None else _shim.ptr("float *", sinks),
+            _shim.ptr("uint8_t *", np.ascontiguousarray(scored, dtype=np.uint8)), int(use_vnorm), float(epsilon),
+            ffi.NULL if anchors is None else _shim.ptr("int32_t *", anchors), 0 if anchors is None else len(anchors),
+            _shim.ptr("float *", out), ffi.NULL if keydiff_sums is None else _shim.ptr("float *", keydiff_sums))
+        if err:
+            raise LlamaKVError(f"scoring on {self.name} failed: {_shim.load().error_string(err)}")
+        return out
+
+
+class DeviceCells:
+    """A sequence's cells as they lie in its stream of the cache tensors: cells 0 .. n-1, holding
+    the positions `pos` (ascending)."""
+
+    def __init__(self, cache: DeviceCache, seq_id: int, pos: np.ndarray):
+        self.cache = cache
+        self.stream = cache.stream_of(seq_id)
+        self.pos = np.asarray(pos)
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.pos)
+
+
+def _u8p(a: np.ndarray):
+    return a.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+
+
+def first_section_positions(meta: np.ndarray) -> np.ndarray:
+    """Positions of the cells in the first cache section of a sequence state's metadata (the
+    host part of an ON_DEVICE state, or a whole state), in cell order."""
+    off = 8  # magic, sequence id
+    (n_stream,) = meta[off:off + 4].view("<u4")
+    off += 4
+    for _ in range(int(n_stream)):
+        (n,) = meta[off:off + 4].view("<u4")
+        off += 4
+        if n:
+            cells = meta[off:off + 12 * int(n)].view("<i4").reshape(-1, 3)
+            return cells[:, 0].copy()
+    return np.zeros(0, dtype=np.int32)
+
+
+def _set_first_section_positions(meta: np.ndarray, positions: np.ndarray) -> None:
+    off = 12
+    (n_stream,) = meta[8:12].view("<u4")
+    for _ in range(int(n_stream)):
+        (n,) = meta[off:off + 4].view("<u4")
+        off += 4
+        if n:
+            meta[off:off + 12 * int(n)].view("<i4").reshape(-1, 3)[:, 0] = positions
+            return
+
+
+def compact(dev: DeviceCache, seq_cache, pos: np.ndarray, keep: np.ndarray) -> None:
+    """Compaction without leaving the device. `pos`: the positions of the sequence's cells 0 .. n-1
+    (ascending), `keep`: which stay. Three steps:
+    1. the kept cells' K and V move down to cells 0 .. m-1 (llamakv_device_gather, bytes unchanged);
+    2. the cells from m on are freed: they hold the highest positions, one seq_rm;
+    3. cells 0 .. m-1 still carry the positions of the cells that were there: the sequence is
+       copied into llama.cpp's device buffers (ON_DEVICE state: the data stays on the device, the
+       host gets the cells' metadata), the metadata's positions are set to the kept ones, and the
+       state is put back, which relabels the cells and copies the same data back in place.
+    On return the sequence's cells are 0 .. m-1 holding pos[keep], ascending."""
+    ctx, seq_id = seq_cache.ctx, seq_cache.seq_id
+    kept_rows = np.flatnonzero(keep).astype(np.int32)
+    m, n = len(kept_rows), len(pos)
+    if m == n:
+        return
+    lib, ffi = _shim.load().lib, _shim.load().ffi
+    tensors = [(k, v, t) for k, v, t in zip(dev.all_k, dev.all_v, dev.all_v_trans)]
+    ks = np.array([t[0] for t in tensors], dtype=np.uint64)
+    vs = np.array([t[1] for t in tensors], dtype=np.uint64)
+    vt = np.array([t[2] for t in tensors], dtype=np.int32)
+    stream = dev.stream_of(seq_id)
+    err = lib.llamakv_device_gather(dev.backend, ffi.cast("void **", ks.ctypes.data), ffi.cast("void **", vs.ctypes.data),
+                                    _shim.ptr("int32_t *", vt), len(tensors), stream, n,
+                                    _shim.ptr("int32_t *", kept_rows), m)
+    if err:
+        raise LlamaKVError(f"compaction on {dev.name} failed: {_shim.load().error_string(err)}")
+    mem = llama_cpp.llama_get_memory(ctx)
+    if not llama_cpp.llama_memory_seq_rm(mem, seq_id, int(pos[m]), -1):
+        raise LlamaKVError(f"llama_memory_seq_rm refused positions from {int(pos[m])}")
+    size = llama_cpp.llama_state_seq_get_size_ext(ctx, seq_id, ON_DEVICE)
+    meta = np.empty(size, dtype=np.uint8)
+    written = llama_cpp.llama_state_seq_get_data_ext(ctx, _u8p(meta), size, seq_id, ON_DEVICE)
+    if written != size:
+        raise LlamaKVError(f"llama.cpp wrote {written} of {size} bytes of a device-side sequence state")
+    held = first_section_positions(meta)
+    if not np.array_equal(held, pos[:m]):
+        raise LlamaKVError("the sequence's cells are not the ones llamakv scored: its stream holds other positions")
+    _set_first_section_positions(meta, pos[keep].astype(np.int32))
+    if llama_cpp.llama_state_seq_set_data_ext(ctx, _u8p(meta), size, seq_id, ON_DEVICE) == 0:
+        raise LlamaKVError("llama.cpp refused its own device-side sequence state")

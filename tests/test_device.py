@@ -1,0 +1,110 @@
+"""Compression on the cache's device (device.py, csrc/llamakv_device.c) against the host path.
+
+On this CPU the device path runs on ggml's CPU backend: the same graph and the same llama.cpp
+device-side states as on a GPU, so its results are checked here against the host kernels; the
+GPU test repeats the check where the cache lives on a GPU and skips without one."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llamakv import KVSession
+from tests.conftest import needle_prompt
+
+
+def _compress_both(s: KVSession, ratio: float = 0.5, **kw):
+    """(positions, state bytes, report) after compress() on the host and on the device, from the
+    same snapshot."""
+    snap = s.snapshot()
+    out = {}
+    for device in (False, True):
+        s.restore(snap)
+        s.compressor.device = device
+        report = s.compress(ratio, **kw)
+        out[device] = (s.positions, s.cache.get_state().tobytes(), report)
+    s.compressor.device = None
+    return out[False], out[True]
+
+
+@pytest.fixture(scope="module")
+def fa_session():
+    """SmolLM2 with flash attention: V stored a row per cell (without it, a row per dimension)."""
+    s = KVSession.from_model(None, n_ctx=4096, n_threads=2, flash_attn=True)
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("which", ["fresh", "fa_session"])
+def test_device_compaction_writes_the_host_paths_state(which, request):
+    s = request.getfixturevalue(which)
+    s.reset()
+    text, question, answer = needle_prompt(40, at=20)
+    s.prefill(text)
+    assert s.context.device.available and s.context.device.name == "CPU"
+    assert s.context.capture.v_trans[0] == (0 if which == "fa_session" else 1)
+    host, dev = _compress_both(s)
+    assert dev[2].device == "CPU" and host[2].device == ""
+    assert np.array_equal(host[0], dev[0]) and host[1] == dev[1]
+    assert dev[2].cells_after == host[2].cells_after < host[2].cells_before
+    assert len(s.generate(f"\n{question}", max_tokens=8, ignore_eos=True)) > 0  # the compacted cells decode on
+
+
+def test_cpu_caches_use_the_host_path_unless_asked(fresh):
+    fresh.prefill("The quick brown fox jumps over the lazy dog. " * 20)
+    assert not fresh.compressor.on_device(fresh.seq, fresh.press)  # a CPU cache: the host path by default
+    assert fresh.compress(0.5).device == ""
+
+
+def test_an_eviction_without_compaction_sends_the_next_compression_to_the_host(fresh):
+    fresh.prefill("The quick brown fox jumps over the lazy dog. " * 30)
+    fresh.compressor.device = True
+    try:
+        r1 = fresh.compress(0.3, compact=False)  # holes in the stream: cells no longer in position order
+        assert r1.device == "CPU" and not fresh.seq.cells_in_order
+        r2 = fresh.compress(0.3)
+        assert r2.device == "" and fresh.seq.cells_in_order  # the host path compacts from the state
+        assert fresh.compress(0.3).device == "CPU"
+    finally:
+        fresh.compressor.device = None
+
+
+def test_bounded_prefill_on_the_device_keeps_the_host_paths_cells(fresh):
+    text, _, _ = needle_prompt(110, at=30)
+    tokens = fresh.tokenize(text)
+    results = []
+    for device in (False, True):
+        fresh.reset()
+        fresh.compressor.device = device
+        fresh.prefill(tokens, budget=1024, target=512)
+        results.append((fresh.positions, fresh.cache.get_state().tobytes(), [r.device for r in fresh.reports]))
+    fresh.compressor.device = None
+    assert len(results[0][2]) >= 2 and set(results[1][2]) == {"CPU"} and set(results[0][2]) == {""}
+    assert np.array_equal(results[0][0], results[1][0]) and results[0][1] == results[1][1]
+
+
+def _gpu_offload_works() -> bool:
+    import llama_cpp
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_offload_works(), reason="llama.cpp was built without a GPU backend")
+def test_gpu_device_scores_and_kept_cells_match_the_host_path():
+    s = KVSession.from_model(None, n_ctx=8192, n_gpu_layers=99, flash_attn=True)
+    try:
+        if not s.context.device.available or not s.context.device.is_gpu:
+            pytest.skip(f"the KV cache is not on a GPU here ({s.context.device.why_not or s.context.device.name})")
+        text, question, answer = needle_prompt(150)
+        s.prefill(text)
+        host_in, dev_in = s.score_inputs(), s.seq.device_score_inputs()
+        a, b = s.press.score(host_in), s.press.score(dev_in)  # one rank-based score per cell
+        finite = np.isfinite(a)
+        assert np.array_equal(finite, np.isfinite(b))
+        assert np.corrcoef(a[finite], b[finite])[0, 1] > 0.9999
+        host, dev = _compress_both(s)
+        assert dev[2].device and dev[2].device != "CPU"
+        overlap = len(np.intersect1d(host[0], dev[0])) / len(host[0])
+        assert overlap > 0.995, overlap
+        assert answer in s.generate(f"\n{question}", max_tokens=16)
+    finally:
+        s.close()
