@@ -103,6 +103,11 @@ def main(argv=None) -> int:
                     help="also time whole compress() calls (wall, best of two) with these presses")
     ap.add_argument("--question-tokens", type=int, default=0,
                     help="and each of them guided by a question of this many tokens (compress(question=...))")
+    ap.add_argument("--minimal", action="store_true",
+                    help="prefill variants: no callback, capture off and the defaults only")
+    ap.add_argument("--host-too", action="store_true",
+                    help="on a GPU, also compress on the host path (state read to the host and written back), "
+                         "first and later, for comparison with the device path")
     args = ap.parse_args(argv)
 
     path = resolve_model(args.model)
@@ -114,18 +119,19 @@ def main(argv=None) -> int:
     doc = resources.files("llamakv").joinpath("data", "sample_document.txt").read_text()
     doc_tokens = s.tokenize(doc)
 
-    rows, method_rows = [], []
+    rows, method_rows, compressions = [], [], []
     for n in args.lengths:
         tokens = (doc_tokens * (n // len(doc_tokens) + 1))[:n]
         off = dict(track_surprisal=False)  # the capture alone
-        variants = {"no callback": None, "callback, capture off": dict(capture=False, **off),
-                    "capture on, every query": dict(capture=True, stats_sample=None, **off)}
-        variants.update({f"capture on, sample of {r} queries": dict(capture=True, stats_sample=r, **off)
-                         for r in args.stats_sample})
-        variants[f"capture on, last {args.stats_window} tokens"] = dict(capture=True, stats_window=args.stats_window,
-                                                                         stats_sample=None, **off)
-        # the prompt's surprisal (every token's logits; ea_keydiff:surprising_share reads it) on top of the defaults
-        variants["capture on, defaults + the prompt's surprisal"] = dict(capture=True, track_surprisal=True)
+        variants = {"no callback": None, "callback, capture off": dict(capture=False, **off)}
+        if not args.minimal:
+            variants["capture on, every query"] = dict(capture=True, stats_sample=None, **off)
+            variants.update({f"capture on, sample of {r} queries": dict(capture=True, stats_sample=r, **off)
+                             for r in args.stats_sample})
+            variants[f"capture on, last {args.stats_window} tokens"] = dict(
+                capture=True, stats_window=args.stats_window, stats_sample=None, **off)
+            # the prompt's surprisal (every token's logits; ea_keydiff:surprising_share reads it) on top of the defaults
+            variants["capture on, defaults + the prompt's surprisal"] = dict(capture=True, track_surprisal=True)
         # last: the compression below uses the statistics of this one
         variants[f"capture on, defaults (sample of {s.stats_sample} queries)"] = dict(capture=True, **off)
         times = {k: [] for k in variants}
@@ -139,14 +145,22 @@ def main(argv=None) -> int:
         best = {k: min(v) for k, v in times.items()}
         snap = s.snapshot()  # after the last-tokens-capture prefill
         log(f"[{n} tokens] compression and decode")
-        rep = s.compress(args.ratio, compact=True)
+        rep = s.compress(args.ratio, compact=True)  # the session's first: nothing prepared by an earlier one
         log("  " + rep.format().replace("\n", "\n  "))
         dec_compact = decode_speed(s, args.decode_tokens, doc_tokens[5])
         dec_compact_capture = decode_speed(s, args.decode_tokens, doc_tokens[5], capture=True)
         s.restore(snap)
-        warm = s.compress(args.ratio, compact=True)  # buffers allocated by the first one are reused
+        warm = s.compress(args.ratio, compact=True)
         warm.capture_s = rep.capture_s
         log("  again:\n  " + warm.format().replace("\n", "\n  "))
+        host = []
+        if args.host_too and rep.device:
+            s.compressor.device = False
+            for _ in range(2):  # the host path's first compression allocates its pinned buffers
+                s.restore(snap)
+                host.append(s.compress(args.ratio, compact=True))
+                log("  host path:\n  " + host[-1].format().replace("\n", "\n  "))
+            s.compressor.device = None
         dec_compact = max(dec_compact, decode_speed(s, args.decode_tokens, doc_tokens[5]))  # best of two
         s.restore(snap)
         dec_full = max(decode_speed(s, args.decode_tokens, doc_tokens[5]) for _ in range(2))
@@ -170,6 +184,8 @@ def main(argv=None) -> int:
                     walls.append(time.perf_counter() - t0)
                 log(f"  {r.method}: {min(walls) * 1e3:.0f} ms (scoring {r.scoring_s * 1e3:.0f} ms)")
                 method_rows.append((n, r.method, r.question_tokens, min(walls), r.scoring_s, best["no callback"]))
+        compressions.append((n, best["no callback"], [("device" if rep.device else "host", rep, warm)]
+                             + ([("host", host[0], host[1])] if host else [])))
         rows.append((n, best, warm, warm.compression_s, dec_full, dec_compact, dec_nocompact, dec_plain,
                      dec_compact_capture, gpu_memory()))
         del snap
@@ -188,17 +204,22 @@ def main(argv=None) -> int:
             print(f"| {n} | {name} | {n / t:.1f} | {100 * (t / best['no callback'] - 1):+.1f}% |")
     print("\nCost: prefill time relative to no callback at all.\n")
     print("## Compression (ratio %g)\n" % args.ratio)
-    print("Second compression of the same prefill (host buffers allocated by the first are reused; the "
-          "first one's times are in the log). Capture ms is the time the callback spent copying and accumulating during the (sampled) prefill; "
-          "total = state read + scoring + eviction (host-side drop of the cells) + compaction (state write), "
-          "relative to the prefill without callback.\n")
-    print("| tokens | cells | capture ms | state read ms | scoring ms | eviction ms | compaction ms | total ms "
-          "| % of prefill |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
-    for n, best, rep, cs, *_ in rows:
-        print(f"| {n} | {rep.cells_before} → {rep.cells_after} | {rep.capture_s * 1e3:.0f} | "
-              f"{rep.state_read_s * 1e3:.0f} | {rep.scoring_s * 1e3:.0f} | {rep.eviction_s * 1e3:.0f} | "
-              f"{rep.compaction_s * 1e3:.0f} | {cs * 1e3:.0f} | {100 * cs / best['no callback']:.1f}% |")
+    print("The session's first compression (nothing prepared by an earlier one) and a second one of the same "
+          "prefill. Path: device = scored and compacted where the cache lies (only scores and positions cross "
+          "to the host); host = the state read to the host, scored there and written back. Capture ms is the "
+          "time the callback spent copying and accumulating during the (sampled) prefill; total = state read "
+          "+ scoring + eviction + compaction, relative to the prefill without callback.\n")
+    print("| tokens | path | compression | cells | capture ms | state read ms | scoring ms | eviction ms "
+          "| compaction ms | total ms | % of prefill |")
+    print("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for n, pre, paths in compressions:
+        for path_name, first, later in paths:
+            for which, rep in (("first", first), ("later", later)):
+                cs = rep.compression_s
+                print(f"| {n} | {path_name} | {which} | {rep.cells_before} → {rep.cells_after} | "
+                      f"{rep.capture_s * 1e3:.0f} | {rep.state_read_s * 1e3:.0f} | {rep.scoring_s * 1e3:.0f} | "
+                      f"{rep.eviction_s * 1e3:.0f} | {rep.compaction_s * 1e3:.0f} | {cs * 1e3:.0f} | "
+                      f"{100 * cs / pre:.1f}% |")
     if method_rows:
         print("\n### By method (whole compress() call, wall, best of two)\n")
         print("| tokens | method | question tokens | total ms | of which scoring ms | % of prefill |")
@@ -222,10 +243,13 @@ def main(argv=None) -> int:
         dt = time.perf_counter() - t0
         comp = sum(r.compression_s for r in s.reports)
         dec = decode_speed(s, args.decode_tokens, doc_tokens[5])
+        plain_budget = min(plain_prefill(plain, tokens[:budget]) for _ in range(2))
         print(f"\n## Streaming {n} tokens through {budget} cells\n")
         print(f"Prefill {dt:.2f} s ({n / dt:.1f} tok/s), {len(s.reports)} compressions to {budget // 2} cells taking "
-              f"{comp:.2f} s in all ({100 * comp / dt:.1f}% of the prefill); {s.n_cells} cells at the end; "
-              f"decode {dec:.1f} tok/s.")
+              f"{comp:.2f} s in all ({100 * comp / dt:.1f}% of the prefill; path: "
+              f"{s.reports[-1].device or 'host'}); {s.n_cells} cells at the end; decode {dec:.1f} tok/s. "
+              f"A plain prefill of {budget} tokens (no callback) runs at {budget / plain_budget:.1f} tok/s: the "
+              f"stream reaches {100 * (n / dt) / (budget / plain_budget):.0f}% of it.")
     if args.n_gpu_layers:
         print("\n## GPU memory in use after each length (nvidia-smi)\n")
         for n, *_, mem in rows:
