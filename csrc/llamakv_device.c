@@ -124,7 +124,7 @@ static int run_warmup(ggml_backend_t backend) {
 
 /* The inputs of one layer's graph, allocated in their own buffer and filled from the host. */
 typedef struct {
-    struct ggml_tensor * idx, * anchor_idx, * mask, * w_lin, * w_sq, * w_cross, * sinks;
+    struct ggml_tensor * idx, * anchor_idx, * mask, * scored01, * w_lin, * w_sq, * w_cross, * sinks;
 } layer_inputs;
 
 /* k [d, n, n_head_kv] (float, cells in dim 1): the KeyDiff cosines summed over heads [1, n]
@@ -190,116 +190,56 @@ static struct ggml_tensor * concat_or(struct ggml_context * ctx, struct ggml_ten
     return acc == NULL ? x : ggml_concat(ctx, acc, x, dim);
 }
 
-typedef struct {
-    const float * w;
-    const float * sinks;    /* NULL: none */
-    float cap;
-} layer_params;
-
-static int32_t score_layer(device_slot * s, struct ggml_tensor * k, struct ggml_tensor * v, int32_t v_trans,
-                           int32_t stream, int64_t n, int32_t n_head, int32_t hkv, int32_t d,
-                           const layer_params * lp, int32_t n_pairs, int32_t pair_kind, const uint8_t * scored,
-                           int32_t use_vnorm, float epsilon, const int32_t * anchor_cells, int64_t n_anchor,
-                           float * out, float * keydiff_sum) {
+/* One layer's scores in graph gf: [1, n, hkv] (the layer's KV heads' scores, memory [hkv][n]) and,
+ * with an anchor sample, KeyDiff's summed cosines [1, n] (*kd, without the sign). */
+static struct ggml_tensor * layer_scores(struct ggml_context * ctx, struct ggml_tensor * k, struct ggml_tensor * v,
+                                         int32_t v_trans, int32_t stream, int64_t n, int32_t n_head, int32_t hkv,
+                                         int32_t d, const layer_inputs * in, float cap, int32_t n_pairs,
+                                         int32_t pair_kind, int32_t use_vnorm, float epsilon, struct ggml_tensor ** kd) {
     const int32_t group = n_head / hkv;
-    if (k->ne[0] != (int64_t) d * hkv || (use_vnorm && (v == NULL || v->ne[0] % hkv != 0)) || n > k->ne[1] ||
-        stream >= k->ne[2] || (pair_kind == 2 && d % 2 != 0) || 2 * n_pairs > d) {
-        return DEV_ERR_SHAPE;
-    }
     const int64_t dv = use_vnorm ? v->ne[0] / hkv : 0;
-    struct ggml_context * ictx = graph_context();
-    struct ggml_context * ctx = graph_context();
-    if (ictx == NULL || ctx == NULL) { if (ictx) ggml_free(ictx); if (ctx) ggml_free(ctx); return DEV_ERR_NO_MEMORY; }
-    layer_inputs in = {0};
-    in.idx = ggml_new_tensor_1d(ictx, GGML_TYPE_I32, n);
-    in.mask = ggml_new_tensor_3d(ictx, GGML_TYPE_F32, n, 1, 1);
-    in.w_lin = ggml_new_tensor_3d(ictx, GGML_TYPE_F32, d, group, hkv);
-    in.w_sq = ggml_new_tensor_3d(ictx, GGML_TYPE_F32, d, group, hkv);
-    in.w_cross = n_pairs > 0 ? ggml_new_tensor_3d(ictx, GGML_TYPE_F32, n_pairs, group, hkv) : NULL;
-    in.anchor_idx = n_anchor > 0 ? ggml_new_tensor_1d(ictx, GGML_TYPE_I32, n_anchor) : NULL;
-    in.sinks = lp->sinks != NULL ? ggml_new_tensor_1d(ictx, GGML_TYPE_F32, n_head) : NULL;
+    struct ggml_tensor * anchor = NULL;
+    if (in->anchor_idx != NULL) {
+        /* the normalised mean of the normalised sampled keys, per KV head: [d, 1, hkv] */
+        struct ggml_tensor * ks = ggml_l2_norm(ctx, keys_of(ctx, k, stream, in->anchor_idx, d, hkv), 1e-6f);
+        struct ggml_tensor * m = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, ks, 1, 0, 2, 3)));  /* [1, d, hkv] */
+        anchor = ggml_l2_norm(ctx, ggml_reshape_3d(ctx, m, d, 1, hkv), 1e-30f);
+    }
+    struct ggml_tensor * z = NULL, * vn = NULL;
+    *kd = NULL;
+    for (int64_t c0 = 0; c0 < n; c0 += CHUNK_CELLS) {
+        const int64_t nc = n - c0 < CHUNK_CELLS ? n - c0 : CHUNK_CELLS;
+        struct ggml_tensor * idx_c = ggml_view_1d(ctx, in->idx, nc, (size_t) c0 * sizeof(int32_t));
+        struct ggml_tensor * kp = keys_of(ctx, k, stream, idx_c, d, hkv);
+        struct ggml_tensor * cos_sum = NULL;
+        z = concat_or(ctx, z, chunk_logits(ctx, kp, in, n_pairs, pair_kind, anchor, &cos_sum), 0);
+        if (cos_sum != NULL) *kd = concat_or(ctx, *kd, cos_sum, 1);
+        if (use_vnorm) vn = concat_or(ctx, vn, value_norms(ctx, v, v_trans, stream, idx_c, c0, nc, dv, hkv), 1);
+    }
+    if (cap > 0.0f) z = ggml_scale(ctx, ggml_tanh(ctx, ggml_scale(ctx, z, 1.0f / cap)), cap);
+    z = ggml_reshape_3d(ctx, ggml_add(ctx, z, in->mask), n, 1, n_head);  /* row h = g * group + j */
+    struct ggml_tensor * p = ggml_soft_max(ctx, z);
+    if (in->sinks != NULL) ggml_soft_max_add_sinks(p, in->sinks);
+    p = ggml_reshape_3d(ctx, p, n, group, hkv);
+    struct ggml_tensor * gm = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, p, 1, 0, 2, 3)));  /* [1, n, hkv] */
+    if (*kd != NULL) *kd = ggml_scale(ctx, *kd, -1.0f);
+    if (!use_vnorm) return ggml_scale(ctx, gm, 1.0f / group);
+    /* (mean + epsilon) * |v|, 0 where not scored (the host marks those +inf) */
+    return ggml_mul(ctx, ggml_mul(ctx, ggml_scale_bias(ctx, gm, 1.0f / group, epsilon), vn), in->scored01);
+}
 
-    ggml_backend_buffer_t in_buf = ggml_backend_alloc_ctx_tensors(ictx, s->backend);
-    int32_t err = 0;
-    if (in_buf == NULL) { err = DEV_ERR_NO_MEMORY; goto done; }
-    {
-        /* inputs from the host */
-        int32_t * idx = malloc(n * sizeof(int32_t));
-        float * mask = malloc(n * sizeof(float));
-        const int64_t wrow = 2 * (int64_t) d + n_pairs;
-        float * wl = malloc((size_t) n_head * d * sizeof(float));
-        float * wq = malloc((size_t) n_head * d * sizeof(float));
-        float * wc = malloc((size_t) n_head * (n_pairs > 0 ? n_pairs : 1) * sizeof(float));
-        if (idx == NULL || mask == NULL || wl == NULL || wq == NULL || wc == NULL) {
-            free(idx); free(mask); free(wl); free(wq); free(wc);
-            err = DEV_ERR_NO_MEMORY;
-            goto done;
-        }
-        for (int64_t i = 0; i < n; ++i) { idx[i] = (int32_t) i; mask[i] = scored[i] ? 0.0f : -INFINITY; }
-        for (int32_t h = 0; h < n_head; ++h) {
-            memcpy(wl + (int64_t) h * d, lp->w + h * wrow, d * sizeof(float));
-            memcpy(wq + (int64_t) h * d, lp->w + h * wrow + d, d * sizeof(float));
-            if (n_pairs > 0) memcpy(wc + (int64_t) h * n_pairs, lp->w + h * wrow + 2 * d, n_pairs * sizeof(float));
-        }
-        ggml_backend_tensor_set(in.idx, idx, 0, ggml_nbytes(in.idx));
-        ggml_backend_tensor_set(in.mask, mask, 0, ggml_nbytes(in.mask));
-        ggml_backend_tensor_set(in.w_lin, wl, 0, ggml_nbytes(in.w_lin));
-        ggml_backend_tensor_set(in.w_sq, wq, 0, ggml_nbytes(in.w_sq));
-        if (in.w_cross != NULL) ggml_backend_tensor_set(in.w_cross, wc, 0, ggml_nbytes(in.w_cross));
-        if (in.anchor_idx != NULL) ggml_backend_tensor_set(in.anchor_idx, anchor_cells, 0, ggml_nbytes(in.anchor_idx));
-        if (in.sinks != NULL) ggml_backend_tensor_set(in.sinks, lp->sinks, 0, ggml_nbytes(in.sinks));
-        free(idx); free(mask); free(wl); free(wq); free(wc);
-    }
-    {
-        struct ggml_cgraph * gf = ggml_new_graph_custom(ctx, MAX_NODES, false);
-        struct ggml_tensor * anchor = NULL;
-        if (in.anchor_idx != NULL) {
-            /* the normalised mean of the normalised sampled keys, per KV head: [d, 1, hkv] */
-            struct ggml_tensor * ks = keys_of(ctx, k, stream, in.anchor_idx, d, hkv);  /* [d, S, hkv] */
-            ks = ggml_l2_norm(ctx, ks, 1e-6f);
-            struct ggml_tensor * m = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, ks, 1, 0, 2, 3)));  /* [1, d, hkv] */
-            anchor = ggml_l2_norm(ctx, ggml_reshape_3d(ctx, m, d, 1, hkv), 1e-30f);
-        }
-        struct ggml_tensor * z = NULL, * kd = NULL, * vn = NULL;
-        for (int64_t c0 = 0; c0 < n; c0 += CHUNK_CELLS) {
-            const int64_t nc = n - c0 < CHUNK_CELLS ? n - c0 : CHUNK_CELLS;
-            struct ggml_tensor * idx_c = ggml_view_1d(ctx, in.idx, nc, (size_t) c0 * sizeof(int32_t));
-            struct ggml_tensor * kp = keys_of(ctx, k, stream, idx_c, d, hkv);
-            struct ggml_tensor * cos_sum = NULL;
-            z = concat_or(ctx, z, chunk_logits(ctx, kp, &in, n_pairs, pair_kind, anchor, &cos_sum), 0);
-            if (cos_sum != NULL) kd = concat_or(ctx, kd, cos_sum, 1);
-            if (use_vnorm) vn = concat_or(ctx, vn, value_norms(ctx, v, v_trans, stream, idx_c, c0, nc, dv, hkv), 1);
-        }
-        if (lp->cap > 0.0f) z = ggml_scale(ctx, ggml_tanh(ctx, ggml_scale(ctx, z, 1.0f / lp->cap)), lp->cap);
-        z = ggml_reshape_3d(ctx, ggml_add(ctx, z, in.mask), n, 1, n_head);  /* row h = g * group + j */
-        struct ggml_tensor * p = ggml_soft_max(ctx, z);
-        if (in.sinks != NULL) ggml_soft_max_add_sinks(p, in.sinks);
-        p = ggml_reshape_3d(ctx, p, n, group, hkv);
-        struct ggml_tensor * gm = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, p, 1, 0, 2, 3)));  /* [1, n, hkv] */
-        struct ggml_tensor * score = use_vnorm ? ggml_mul(ctx, ggml_scale_bias(ctx, gm, 1.0f / group, epsilon), vn)
-                                               : ggml_scale(ctx, gm, 1.0f / group);
-        ggml_set_output(score);
-        ggml_build_forward_expand(gf, score);
-        if (kd != NULL) {
-            kd = ggml_scale(ctx, kd, -1.0f);
-            ggml_set_output(kd);
-            ggml_build_forward_expand(gf, kd);
-        }
-        if (!ggml_gallocr_alloc_graph(s->galloc, gf)) { err = DEV_ERR_NO_MEMORY; goto done; }
-        if (ggml_backend_graph_compute(s->backend, gf) != GGML_STATUS_SUCCESS) { err = DEV_ERR_DEVICE; goto done; }
-        ggml_backend_tensor_get(score, out, 0, (size_t) n * hkv * sizeof(float));  /* [hkv][n] */
-        if (kd != NULL && keydiff_sum != NULL) ggml_backend_tensor_get(kd, keydiff_sum, 0, (size_t) n * sizeof(float));
-        for (int32_t g = 0; g < hkv; ++g) {
-            for (int64_t i = 0; i < n; ++i) {
-                if (!scored[i]) out[(int64_t) g * n + i] = INFINITY;
-            }
-        }
-    }
-done:
-    if (in_buf != NULL) ggml_backend_buffer_free(in_buf);
-    ggml_free(ictx);
-    ggml_free(ctx);
-    return err;
+static size_t graph_nodes(int32_t n_layer, int64_t n) {
+    const int64_t chunks = (n + CHUNK_CELLS - 1) / CHUNK_CELLS;
+    return (size_t) (256 + n_layer * (64 + chunks * 64));
+}
+
+static struct ggml_context * sized_context(size_t n_nodes) {
+    struct ggml_init_params p = {
+        /*.mem_size   =*/ ggml_tensor_overhead() * n_nodes * 2 + ggml_graph_overhead_custom(n_nodes, false),
+        /*.mem_buffer =*/ NULL,
+        /*.no_alloc   =*/ true,
+    };
+    return ggml_init(p);
 }
 
 int32_t llamakv_device_ea_scores(void * backend, void ** k_cache, void ** v_cache, const int32_t * v_trans,
@@ -307,25 +247,139 @@ int32_t llamakv_device_ea_scores(void * backend, void ** k_cache, void ** v_cach
                                  int32_t head_dim, const float * w, int32_t n_pairs, int32_t pair_kind,
                                  const float * caps, const float * sinks, const uint8_t * scored, int32_t use_vnorm,
                                  float epsilon, const int32_t * anchor_cells, int64_t n_anchor, float * out,
-                                 float * keydiff_sums) {
+                                 float * mean_share, float * keydiff_sums) {
     device_slot * s = (device_slot *) backend;
-    if (s == NULL || n_head_kv <= 0 || n_head % n_head_kv != 0 || n_cells <= 0) return DEV_ERR_SHAPE;
+    const int32_t d = head_dim, hkv = n_head_kv;
+    if (s == NULL || hkv <= 0 || n_head % hkv != 0 || n_cells <= 0 || n_layer <= 0) return DEV_ERR_SHAPE;
     if (n_pairs == 0) pair_kind = 0;
-    const int64_t wrow = 2 * (int64_t) head_dim + n_pairs;
+    if ((pair_kind == 2 && d % 2 != 0) || 2 * n_pairs > d) return DEV_ERR_SHAPE;
     for (int32_t l = 0; l < n_layer; ++l) {
-        struct ggml_tensor * k = (struct ggml_tensor *) k_cache[l];
-        struct ggml_tensor * v = use_vnorm ? (struct ggml_tensor *) v_cache[l] : NULL;
-        if (k == NULL) return DEV_ERR_SHAPE;
-        const float * sk = NULL;
-        if (sinks != NULL && !isnan(sinks[(int64_t) l * n_head])) sk = sinks + (int64_t) l * n_head;
-        const layer_params lp = { w + (int64_t) l * n_head * wrow, sk, caps != NULL ? caps[l] : 0.0f };
-        const int32_t err = score_layer(s, k, v, use_vnorm ? v_trans[l] : 0, stream, n_cells, n_head, n_head_kv,
-                                        head_dim, &lp, n_pairs, pair_kind, scored, use_vnorm, epsilon, anchor_cells,
-                                        n_anchor, out + (int64_t) l * n_head_kv * n_cells,
-                                        keydiff_sums != NULL ? keydiff_sums + (int64_t) l * n_cells : NULL);
-        if (err) return err;
+        const struct ggml_tensor * k = (const struct ggml_tensor *) k_cache[l];
+        const struct ggml_tensor * v = (const struct ggml_tensor *) v_cache[l];
+        if (k == NULL || k->ne[0] != (int64_t) d * hkv || n_cells > k->ne[1] || stream >= k->ne[2] ||
+            (use_vnorm && (v == NULL || v->ne[0] % hkv != 0))) {
+            return DEV_ERR_SHAPE;
+        }
     }
-    return 0;
+    const int32_t group = n_head / hkv;
+    const int64_t n = n_cells, wrow = 2 * (int64_t) d + n_pairs;
+    const size_t n_nodes = graph_nodes(n_layer, n);
+    struct ggml_context * ictx = sized_context((size_t) 16 + 8 * n_layer);
+    struct ggml_context * ctx = sized_context(n_nodes);
+    ggml_backend_buffer_t in_buf = NULL;
+    int32_t err = 0;
+    float * host = NULL;
+    if (ictx == NULL || ctx == NULL) { err = DEV_ERR_NO_MEMORY; goto done; }
+    /* the inputs of every layer in one buffer: the cells, their mask, the anchor sample and per
+     * layer the weights [d, group, hkv] of k, k*k and the pairs' products, and the sinks */
+    struct ggml_tensor * idx = ggml_new_tensor_1d(ictx, GGML_TYPE_I32, n);
+    struct ggml_tensor * mask = ggml_new_tensor_3d(ictx, GGML_TYPE_F32, n, 1, 1);
+    struct ggml_tensor * scored01 = ggml_new_tensor_3d(ictx, GGML_TYPE_F32, 1, n, 1);
+    struct ggml_tensor * anchor_idx = n_anchor > 0 ? ggml_new_tensor_1d(ictx, GGML_TYPE_I32, n_anchor) : NULL;
+    struct ggml_tensor * w_lin = ggml_new_tensor_4d(ictx, GGML_TYPE_F32, d, group, hkv, n_layer);
+    struct ggml_tensor * w_sq = ggml_new_tensor_4d(ictx, GGML_TYPE_F32, d, group, hkv, n_layer);
+    struct ggml_tensor * w_cross = n_pairs > 0 ? ggml_new_tensor_4d(ictx, GGML_TYPE_F32, n_pairs, group, hkv, n_layer) : NULL;
+    struct ggml_tensor * sink_t = sinks != NULL ? ggml_new_tensor_2d(ictx, GGML_TYPE_F32, n_head, n_layer) : NULL;
+    in_buf = ggml_backend_alloc_ctx_tensors(ictx, s->backend);
+    const size_t per_layer = (size_t) n_head * d;
+    host = malloc(sizeof(float) * (size_t) (3 * n + 2 * per_layer * n_layer + (size_t) n_head * (n_pairs + 1) * n_layer));
+    if (in_buf == NULL || host == NULL) { err = DEV_ERR_NO_MEMORY; goto done; }
+    {
+        int32_t * hidx = (int32_t *) host;
+        float * hmask = host + n;
+        float * h01 = host + 2 * n;
+        for (int64_t i = 0; i < n; ++i) {
+            hidx[i] = (int32_t) i;
+            hmask[i] = scored[i] ? 0.0f : -INFINITY;
+            h01[i] = scored[i] ? 1.0f : 0.0f;
+        }
+        ggml_backend_tensor_set(idx, hidx, 0, ggml_nbytes(idx));
+        ggml_backend_tensor_set(mask, hmask, 0, ggml_nbytes(mask));
+        ggml_backend_tensor_set(scored01, h01, 0, ggml_nbytes(scored01));
+        float * wl = host + 3 * n, * wq = wl + per_layer * n_layer, * wc = wq + per_layer * n_layer;
+        for (int64_t r = 0; r < (int64_t) n_layer * n_head; ++r) {  /* rows of (layer, head) */
+            memcpy(wl + r * d, w + r * wrow, d * sizeof(float));
+            memcpy(wq + r * d, w + r * wrow + d, d * sizeof(float));
+            if (n_pairs > 0) memcpy(wc + r * n_pairs, w + r * wrow + 2 * d, n_pairs * sizeof(float));
+        }
+        ggml_backend_tensor_set(w_lin, wl, 0, ggml_nbytes(w_lin));
+        ggml_backend_tensor_set(w_sq, wq, 0, ggml_nbytes(w_sq));
+        if (w_cross != NULL) ggml_backend_tensor_set(w_cross, wc, 0, ggml_nbytes(w_cross));
+        if (anchor_idx != NULL) ggml_backend_tensor_set(anchor_idx, anchor_cells, 0, ggml_nbytes(anchor_idx));
+        if (sink_t != NULL) ggml_backend_tensor_set(sink_t, sinks, 0, ggml_nbytes(sink_t));
+    }
+    struct ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_nodes, false);
+    struct ggml_tensor ** scores = calloc((size_t) n_layer * 2, sizeof(struct ggml_tensor *));
+    if (scores == NULL) { err = DEV_ERR_NO_MEMORY; goto done; }
+    struct ggml_tensor * mean_acc = NULL;  /* [1, n]: each (layer, head) row's shares, summed */
+    for (int32_t l = 0; l < n_layer; ++l) {
+        layer_inputs in = {0};
+        in.idx = idx;
+        in.mask = mask;
+        in.scored01 = scored01;
+        in.anchor_idx = anchor_idx;
+        in.w_lin = ggml_view_3d(ctx, w_lin, d, group, hkv, w_lin->nb[1], w_lin->nb[2], (size_t) l * w_lin->nb[3]);
+        in.w_sq = ggml_view_3d(ctx, w_sq, d, group, hkv, w_sq->nb[1], w_sq->nb[2], (size_t) l * w_sq->nb[3]);
+        in.w_cross = w_cross == NULL ? NULL
+            : ggml_view_3d(ctx, w_cross, n_pairs, group, hkv, w_cross->nb[1], w_cross->nb[2], (size_t) l * w_cross->nb[3]);
+        in.sinks = sink_t != NULL && !isnan(sinks[(int64_t) l * n_head])
+            ? ggml_view_1d(ctx, sink_t, n_head, (size_t) l * sink_t->nb[1]) : NULL;
+        struct ggml_tensor * kd = NULL;
+        struct ggml_tensor * sc = layer_scores(ctx, (struct ggml_tensor *) k_cache[l], (struct ggml_tensor *) v_cache[l],
+                                               use_vnorm ? v_trans[l] : 0, stream, n, n_head, hkv, d, &in,
+                                               caps != NULL ? caps[l] : 0.0f, n_pairs, pair_kind, use_vnorm, epsilon, &kd);
+        if (out != NULL) {
+            ggml_set_output(sc);
+            ggml_build_forward_expand(gf, sc);
+            scores[2 * l] = sc;
+        }
+        if (mean_share != NULL) {
+            /* aggregate()'s "mean": each head's row over its sum (1e-30 at least), summed */
+            struct ggml_tensor * rows = ggml_reshape_2d(ctx, sc, n, hkv);
+            struct ggml_tensor * sums = ggml_clamp(ctx, ggml_sum_rows(ctx, rows), 1e-30f, INFINITY);  /* [1, hkv] */
+            struct ggml_tensor * shares = ggml_div(ctx, rows, sums);
+            struct ggml_tensor * per_cell = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_transpose(ctx, shares)));  /* [1, n] */
+            mean_acc = mean_acc == NULL ? per_cell : ggml_add(ctx, mean_acc, per_cell);
+        }
+        if (kd != NULL && keydiff_sums != NULL) {
+            ggml_set_output(kd);
+            ggml_build_forward_expand(gf, kd);
+            scores[2 * l + 1] = kd;
+        }
+    }
+    if (mean_acc != NULL) {
+        mean_acc = ggml_scale(ctx, mean_acc, 1.0f / ((float) n_layer * hkv));
+        ggml_set_output(mean_acc);
+        ggml_build_forward_expand(gf, mean_acc);
+    }
+    if (!ggml_gallocr_alloc_graph(s->galloc, gf)) { err = DEV_ERR_NO_MEMORY; }
+    else if (ggml_backend_graph_compute(s->backend, gf) != GGML_STATUS_SUCCESS) { err = DEV_ERR_DEVICE; }
+    for (int32_t l = 0; l < n_layer && err == 0; ++l) {
+        if (scores[2 * l + 1] != NULL) {
+            ggml_backend_tensor_get(scores[2 * l + 1], keydiff_sums + (int64_t) l * n, 0, (size_t) n * sizeof(float));
+        }
+        if (out == NULL) continue;
+        float * o = out + (int64_t) l * hkv * n;
+        ggml_backend_tensor_get(scores[2 * l], o, 0, (size_t) n * hkv * sizeof(float));  /* [hkv][n] */
+        for (int32_t g = 0; g < hkv; ++g) {
+            for (int64_t i = 0; i < n; ++i) {
+                if (!scored[i]) o[(int64_t) g * n + i] = INFINITY;
+            }
+        }
+    }
+    if (err == 0 && mean_acc != NULL) {
+        ggml_backend_tensor_get(mean_acc, mean_share, 0, (size_t) n * sizeof(float));
+        for (int64_t i = 0; i < n; ++i) {
+            if (!scored[i]) mean_share[i] = INFINITY;
+        }
+    }
+    free(scores);
+done:
+    free(host);
+    if (in_buf != NULL) ggml_backend_buffer_free(in_buf);
+    if (ictx != NULL) ggml_free(ictx);
+    if (ctx != NULL) ggml_free(ctx);
+    return err;
 }
 
 /* The bytes of a cache tensor's stream seen as 32-bit words, a row per cell: gathers move cells of
@@ -368,30 +422,31 @@ int32_t llamakv_device_gather(void * backend, void ** k_cache, void ** v_cache, 
                               int32_t stream, int64_t n_cells, const int32_t * kept, int64_t n_kept) {
     device_slot * s = (device_slot *) backend;
     if (s == NULL || n_kept <= 0 || n_kept > n_cells) return DEV_ERR_SHAPE;
-    int32_t err = 0;
-    for (int32_t l = 0; l < n_tensors && err == 0; ++l) {
-        struct ggml_context * ictx = graph_context();
-        struct ggml_context * ctx = graph_context();
-        ggml_backend_buffer_t in_buf = NULL;
-        if (ictx == NULL || ctx == NULL) { err = DEV_ERR_NO_MEMORY; goto next; }
-        struct ggml_tensor * idx = ggml_new_tensor_1d(ictx, GGML_TYPE_I32, n_kept);
-        in_buf = ggml_backend_alloc_ctx_tensors(ictx, s->backend);
-        if (in_buf == NULL) { err = DEV_ERR_NO_MEMORY; goto next; }
-        ggml_backend_tensor_set(idx, kept, 0, ggml_nbytes(idx));
-        struct ggml_cgraph * gf = ggml_new_graph_custom(ctx, 64, false);
-        struct ggml_tensor * k = (struct ggml_tensor *) k_cache[l];
-        struct ggml_tensor * v = (struct ggml_tensor *) v_cache[l];
-        if (k == NULL || v == NULL || stream >= k->ne[2] || n_cells > k->ne[1]) { err = DEV_ERR_SHAPE; goto next; }
-        gather_rows(ctx, gf, k, stream, idx, &err);
-        if (v_trans[l]) gather_cols(ctx, gf, v, stream, n_cells, idx, &err);
-        else gather_rows(ctx, gf, v, stream, idx, &err);
-        if (err) goto next;
-        if (!ggml_gallocr_alloc_graph(s->galloc, gf)) { err = DEV_ERR_NO_MEMORY; goto next; }
-        if (ggml_backend_graph_compute(s->backend, gf) != GGML_STATUS_SUCCESS) err = DEV_ERR_DEVICE;
-    next:
-        if (in_buf != NULL) ggml_backend_buffer_free(in_buf);
-        if (ictx != NULL) ggml_free(ictx);
-        if (ctx != NULL) ggml_free(ctx);
+    for (int32_t l = 0; l < n_tensors; ++l) {
+        const struct ggml_tensor * k = (const struct ggml_tensor *) k_cache[l];
+        if (k == NULL || v_cache[l] == NULL || stream >= k->ne[2] || n_cells > k->ne[1]) return DEV_ERR_SHAPE;
     }
+    const size_t n_nodes = (size_t) 64 + 16 * n_tensors;
+    struct ggml_context * ictx = sized_context(4);
+    struct ggml_context * ctx = sized_context(n_nodes);
+    ggml_backend_buffer_t in_buf = NULL;
+    int32_t err = 0;
+    if (ictx == NULL || ctx == NULL) { err = DEV_ERR_NO_MEMORY; goto done; }
+    struct ggml_tensor * idx = ggml_new_tensor_1d(ictx, GGML_TYPE_I32, n_kept);
+    in_buf = ggml_backend_alloc_ctx_tensors(ictx, s->backend);
+    if (in_buf == NULL) { err = DEV_ERR_NO_MEMORY; goto done; }
+    ggml_backend_tensor_set(idx, kept, 0, ggml_nbytes(idx));
+    struct ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_nodes, false);
+    for (int32_t l = 0; l < n_tensors && err == 0; ++l) {
+        gather_rows(ctx, gf, (struct ggml_tensor *) k_cache[l], stream, idx, &err);
+        if (v_trans[l]) gather_cols(ctx, gf, (struct ggml_tensor *) v_cache[l], stream, n_cells, idx, &err);
+        else gather_rows(ctx, gf, (struct ggml_tensor *) v_cache[l], stream, idx, &err);
+    }
+    if (err == 0 && !ggml_gallocr_alloc_graph(s->galloc, gf)) err = DEV_ERR_NO_MEMORY;
+    if (err == 0 && ggml_backend_graph_compute(s->backend, gf) != GGML_STATUS_SUCCESS) err = DEV_ERR_DEVICE;
+done:
+    if (in_buf != NULL) ggml_backend_buffer_free(in_buf);
+    if (ictx != NULL) ggml_free(ictx);
+    if (ctx != NULL) ggml_free(ctx);
     return err;
 }

@@ -191,14 +191,16 @@ int32_t llamakv_device_is_gpu(void * backend);  /* 0: the CPU backend */
  *   caps [n_layer]: logit soft cap, 0 for none; sinks [n_layer][n_head] or NULL (NaN rows: none);
  *   scored [n_cells]: cells in the softmax (0: a sink, +inf in out);
  *   anchor_cells [n_anchor]: the cells KeyDiff's anchor is the normalised mean of.
- * out [n_layer][n_head_kv][n_cells] as llamakv_ea_attention; keydiff_sums [n_layer][n_cells]: KeyDiff's
- * scores summed over the KV heads. Returns 0 or an error code (llamakv_error_string). */
+ * out [n_layer][n_head_kv][n_cells] as llamakv_ea_attention (unless NULL); mean_share [n_cells] (unless
+ * NULL): those scores aggregated as scoring.aggregate's "mean" (each (layer, head) row over its sum,
+ * averaged), +inf where not scored; keydiff_sums [n_layer][n_cells]: KeyDiff's scores summed over the
+ * KV heads. Returns 0 or an error code (llamakv_error_string). */
 int32_t llamakv_device_ea_scores(void * backend, void ** k_cache, void ** v_cache, const int32_t * v_trans,
                                  int32_t n_layer, int32_t stream, int64_t n_cells, int32_t n_head, int32_t n_head_kv,
                                  int32_t head_dim, const float * w, int32_t n_pairs, int32_t pair_kind,
                                  const float * caps, const float * sinks, const uint8_t * scored, int32_t use_vnorm,
                                  float epsilon, const int32_t * anchor_cells, int64_t n_anchor, float * out,
-                                 float * keydiff_sums);
+                                 float * mean_share, float * keydiff_sums);
 
 /* Compaction's data movement on the device: for each of n_tensors (K, V) pairs of cache tensors,
  * cells 0 .. n_kept - 1 of `stream` take the contents of cells kept[0 .. n_kept) (ascending), bytes

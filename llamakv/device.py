@@ -20,6 +20,7 @@ path scores from the state, which names every cell's position).
 from __future__ import annotations
 
 import ctypes
+import time
 
 import llama_cpp
 import numpy as np
@@ -46,6 +47,7 @@ class DeviceCache:
         self.all_k, self.all_v, self.all_v_trans = (list(x) for x in zip(*pairs)) if pairs else ([], [], [])
         self.backend = None
         self.why_not = ""
+        self.last_call_s = 0.0  # the last scoring call on the device, wall
         lib, ffi = _shim.load().lib, _shim.load().ffi
         if not (self.k.all() and self.v.all() and all(self.all_k) and all(self.all_v)):
             self.why_not = "the attention does not read the cache tensors directly (a cache on another backend)"
@@ -73,17 +75,22 @@ class DeviceCache:
 
     def ea_scores(self, inputs, weights: np.ndarray, n_pairs: int, pair_kind: int, scored: np.ndarray,
                   use_vnorm: bool, epsilon: float, anchor_cells: np.ndarray | None,
-                  keydiff_sums: np.ndarray | None) -> np.ndarray:
+                  keydiff_sums: np.ndarray | None, mean_only: bool = False) -> np.ndarray:
         """Expected Attention's scores [n_layer, n_head_kv, n_cells] of the cells of `inputs.device`
-        (DeviceCells), as ExpectedAttention.score computes them on the host; KeyDiff's summed
-        scores into `keydiff_sums` [n_layer, n_cells] where `anchor_cells` are given."""
+        (DeviceCells), as ExpectedAttention.score computes them on the host, or with `mean_only`
+        their "mean" aggregation [n_cells] (scoring.aggregate) without the per-head scores ever
+        leaving the device; KeyDiff's summed scores into `keydiff_sums` [n_layer, n_cells] where
+        `anchor_cells` are given."""
         cells = inputs.device
         n, n_layer = cells.n_cells, inputs.n_layer
-        out = np.empty((n_layer, inputs.n_head_kv, n), dtype=np.float32)
+        out = np.empty(n if mean_only else (n_layer, inputs.n_head_kv, n), dtype=np.float32)
         caps = np.array([inputs.cap(j) for j in range(n_layer)], dtype=np.float32)
         sinks = None if inputs.sink_logits is None else np.ascontiguousarray(inputs.sink_logits, dtype=np.float32)
         anchors = None if anchor_cells is None else np.ascontiguousarray(anchor_cells, dtype=np.int32)
         lib, ffi = _shim.load().lib, _shim.load().ffi
+        # llama_decode returns before a GPU has finished: the cache is read on another stream
+        llama_cpp.llama_synchronize(self.ctx.ctx)
+        t0 = time.perf_counter()
         keys = np.ascontiguousarray(self.k, dtype=np.uint64)
         values = np.ascontiguousarray(self.v, dtype=np.uint64)
         err = lib.llamakv_device_ea_scores(
@@ -93,7 +100,9 @@ class DeviceCache:
             pair_kind, _shim.ptr("float *", caps), ffi.NULL if sinks is None else _shim.ptr("float *", sinks),
             _shim.ptr("uint8_t *", np.ascontiguousarray(scored, dtype=np.uint8)), int(use_vnorm), float(epsilon),
             ffi.NULL if anchors is None else _shim.ptr("int32_t *", anchors), 0 if anchors is None else len(anchors),
-            _shim.ptr("float *", out), ffi.NULL if keydiff_sums is None else _shim.ptr("float *", keydiff_sums))
+            ffi.NULL if mean_only else _shim.ptr("float *", out), _shim.ptr("float *", out) if mean_only else ffi.NULL,
+            ffi.NULL if keydiff_sums is None else _shim.ptr("float *", keydiff_sums))
+        self.last_call_s = time.perf_counter() - t0
         if err:
             raise LlamaKVError(f"scoring on {self.name} failed: {_shim.load().error_string(err)}")
         return out
@@ -164,6 +173,7 @@ def compact(dev: DeviceCache, seq_cache, pos: np.ndarray, keep: np.ndarray) -> N
     vs = np.array([t[1] for t in tensors], dtype=np.uint64)
     vt = np.array([t[2] for t in tensors], dtype=np.int32)
     stream = dev.stream_of(seq_id)
+    llama_cpp.llama_synchronize(ctx)
     err = lib.llamakv_device_gather(dev.backend, ffi.cast("void **", ks.ctypes.data), ffi.cast("void **", vs.ctypes.data),
                                     _shim.ptr("int32_t *", vt), len(tensors), stream, n,
                                     _shim.ptr("int32_t *", kept_rows), m)

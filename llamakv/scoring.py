@@ -220,8 +220,18 @@ class ExpectedAttention:
         """Why these scores cannot be computed on the cache's device ("" if they can)."""
         return "the full covariance" if self.use_covariance and self.full_covariance else ""
 
+    def mean_shares(self, inputs: ScoreInputs, keydiff_sums: np.ndarray | None = None,
+                    anchor_sample: int = 0) -> np.ndarray:
+        """aggregate(score(...), "mean"): one score per cell; on the cache's device the per-head
+        scores are aggregated there. Other arguments as in score()."""
+        if inputs.device is None or not inputs.n_cells or not _not_sink(inputs).any():
+            return aggregate(self.score(inputs, keydiff_sums, anchor_sample), "mean")
+        scored = np.ascontiguousarray(_not_sink(inputs), dtype=np.uint8)
+        return self._score_on_device(inputs, self._folded(inputs), scored, keydiff_sums, anchor_sample,
+                                     mean_only=True).astype(np.float64)
+
     def _score_on_device(self, inputs: ScoreInputs, folded, scored: np.ndarray, keydiff_sums: np.ndarray | None,
-                         anchor_sample: int) -> np.ndarray:
+                         anchor_sample: int, mean_only: bool = False) -> np.ndarray:
         """score() from the cache tensors where they lie (device.DeviceCache.ea_scores): the folded
         weights back in the keys' stored order of dimensions, RoPE's pairs by their layout."""
         m, perm, n_pairs = folded
@@ -242,7 +252,7 @@ class ExpectedAttention:
         if keydiff_sums is not None:
             anchor_cells = anchor_sample_cells(scored, anchor_sample)
         return inputs.device.cache.ea_scores(inputs, w, n_pairs, kind, scored, self.use_vnorm, self.epsilon,
-                                             anchor_cells, keydiff_sums)
+                                             anchor_cells, keydiff_sums, mean_only)
 
     def horizon(self, inputs: ScoreInputs) -> int:
         """Future positions RoPE is averaged over: `n_future_positions`, or more where the caller
@@ -474,7 +484,7 @@ class ExpectedAttentionKeyDiff:
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         kd_sums = np.empty((inputs.n_layer, inputs.n_cells), dtype=np.float32)
-        ea = _cell_ranks(self.expected_attention.score(inputs, kd_sums, self.anchor_sample))
+        ea = _rank_percentile(self.expected_attention.mean_shares(inputs, kd_sums, self.anchor_sample))
         kd = kd_sums.sum(axis=0, dtype=np.float64)
         cells = np.full(inputs.n_cells, np.inf)  # sinks: infinite in Expected Attention's scores
         finite = np.isfinite(ea)

@@ -147,12 +147,16 @@ def main(argv=None) -> int:
         log(f"[{n} tokens] compression and decode")
         rep = s.compress(args.ratio, compact=True)  # the session's first: nothing prepared by an earlier one
         log("  " + rep.format().replace("\n", "\n  "))
+        if rep.device:
+            log(f"  of the scoring, the graph on {rep.device}: {s.context.device.last_call_s * 1e3:.1f} ms")
         dec_compact = decode_speed(s, args.decode_tokens, doc_tokens[5])
         dec_compact_capture = decode_speed(s, args.decode_tokens, doc_tokens[5], capture=True)
         s.restore(snap)
         warm = s.compress(args.ratio, compact=True)
         warm.capture_s = rep.capture_s
         log("  again:\n  " + warm.format().replace("\n", "\n  "))
+        if warm.device:
+            log(f"  of the scoring, the graph on {warm.device}: {s.context.device.last_call_s * 1e3:.1f} ms")
         host = []
         if args.host_too and rep.device:
             s.compressor.device = False

@@ -91,16 +91,9 @@ def _gpu_offload_works() -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _gpu_offload_works(), reason="llama.cpp was built without a GPU backend")
-def test_gpu_device_scores_and_kept_cells_match_the_host_path(tmp_path):
-    """On a GPU: a random-weight model of SmolLM2's shape (the tokenizer from
-    $LLAMAKV_TEST_TOKENIZER, a GGUF, or the installed SmolLM2), all layers offloaded."""
-    from llamakv.random_gguf import write_random_gguf
-    try:
-        path = write_random_gguf(tmp_path / "m.gguf", "llama", shape="smollm2-135m", qtype="q8_0",
-                                 like=os.environ.get("LLAMAKV_TEST_TOKENIZER"))
-    except Exception as e:  # noqa: BLE001 - no tokenizer GGUF to take: nothing to test with
-        pytest.skip(f"no tokenizer for the test model: {e}")
-    s = KVSession.from_model(path, n_ctx=8192, n_gpu_layers=99, flash_attn=True)
+def test_gpu_device_scores_and_kept_cells_match_the_host_path():
+    """On a GPU, all layers offloaded: the GGUF at $LLAMAKV_GPU_MODEL, else the default model."""
+    s = KVSession.from_model(os.environ.get("LLAMAKV_GPU_MODEL"), n_ctx=8192, n_gpu_layers=99, flash_attn=True)
     try:
         if not s.context.device.available or not s.context.device.is_gpu:
             pytest.skip(f"the KV cache is not on a GPU here ({s.context.device.why_not or s.context.device.name})")
@@ -115,6 +108,8 @@ def test_gpu_device_scores_and_kept_cells_match_the_host_path(tmp_path):
         assert np.array_equal(finite, np.isfinite(b))
         np.testing.assert_allclose(b[finite], a[finite], rtol=2e-3, atol=1e-6 * np.abs(a[finite]).max())
         np.testing.assert_allclose(kd_dev, kd_host, atol=2e-3 * s.n_head_kv)
+        shares_host, shares_dev = ea.mean_shares(host_in), ea.mean_shares(dev_in)
+        np.testing.assert_allclose(shares_dev[finite[0, 0]], shares_host[finite[0, 0]], rtol=2e-3)
         host, dev = _compress_both(s)
         assert dev[2].device and dev[2].device != "CPU" and host[2].device == ""
         overlap = len(np.intersect1d(host[0], dev[0])) / len(host[0])
@@ -122,3 +117,4 @@ def test_gpu_device_scores_and_kept_cells_match_the_host_path(tmp_path):
         assert len(s.generate(" The", max_tokens=8, ignore_eos=True)) > 0
     finally:
         s.close()
+
