@@ -83,6 +83,10 @@ int32_t llamakv_device_is_gpu(void * slot) {
     return slot != NULL && ggml_backend_dev_type(((device_slot *) slot)->dev) != GGML_BACKEND_DEVICE_TYPE_CPU;
 }
 
+size_t llamakv_device_scratch_bytes(void * slot) {
+    return slot != NULL ? ggml_gallocr_get_buffer_size(((device_slot *) slot)->galloc, 0) : 0;
+}
+
 const char * llamakv_device_name(void * slot) {
     return slot != NULL ? ggml_backend_dev_name(((device_slot *) slot)->dev) : "";
 }
@@ -340,6 +344,9 @@ int32_t llamakv_device_ea_scores(void * backend, void ** k_cache, void ** v_cach
             struct ggml_tensor * shares = ggml_div(ctx, rows, sums);
             struct ggml_tensor * per_cell = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_transpose(ctx, shares)));  /* [1, n] */
             mean_acc = mean_acc == NULL ? per_cell : ggml_add(ctx, mean_acc, per_cell);
+            /* every node of this layer enters the graph before the next layer's: the allocator then
+             * frees the layer's float copies of the keys before the next layer takes its own */
+            ggml_build_forward_expand(gf, mean_acc);
         }
         if (kd != NULL && keydiff_sums != NULL) {
             ggml_set_output(kd);

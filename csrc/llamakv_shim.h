@@ -181,6 +181,7 @@ void llamakv_pinned_free(void * handle);
 void * llamakv_device_backend(void * t, int32_t n_threads);
 const char * llamakv_device_name(void * backend);
 int32_t llamakv_device_is_gpu(void * backend);  /* 0: the CPU backend */
+size_t llamakv_device_scratch_bytes(void * backend);  /* device memory of the graphs' intermediates */
 
 /* Expected Attention (and, with n_anchor > 0, KeyDiff) of n_layer layers, on the device (the
  * `backend` of llamakv_device_backend), from the layers' cache tensors k_cache/v_cache (v_trans: V

@@ -118,3 +118,27 @@ def test_gpu_device_scores_and_kept_cells_match_the_host_path():
     finally:
         s.close()
 
+
+def test_the_scoring_graph_frees_each_layers_float_keys_before_the_next_layer(tmp_path):
+    """The graph of all layers holds one layer's float copies of the keys at a time: its scratch
+    memory is a few layers' worth, not the model's (a fresh process: the scratch only grows)."""
+    script = tmp_path / "scratch.py"
+    script.write_text(
+        "from llamakv import KVSession, _shim\n"
+        "from tests.conftest import needle_prompt\n"
+        "s = KVSession.from_model(None, n_ctx=4096, n_threads=2)\n"
+        "s.prefill(needle_prompt(80)[0])\n"
+        "import numpy as np\n"
+        "inputs = s.seq.device_score_inputs()\n"  # as ea_keydiff scores: KeyDiff's sums beside
+        "s.press.expected_attention.mean_shares(inputs, np.empty((inputs.n_layer, inputs.n_cells), np.float32), 512)\n"
+        "print(s.n_cells, s.n_layer, s.n_head_kv * s.head_dim, _shim.load().lib.llamakv_device_scratch_bytes("
+        "s.context.device.backend))\n")
+    import subprocess
+    import sys
+    from tests.conftest import ROOT
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    n, n_layer, row, scratch = map(int, out.stdout.split()[-4:])
+    one_copy = n * row * 4  # one layer's keys as float32
+    assert scratch < 12 * one_copy < n_layer * one_copy, (scratch, one_copy)
