@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from typing import Iterator, Sequence as Seq
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from .cache import position_runs
 from .device import compact as device_compact
-from .errors import CacheFullError, LlamaKVError
+from .errors import CacheFullError, DeviceError, LlamaKVError, StateError
 from .scoring import ExpectedAttention, ExpectedAttentionKeyDiff, Press, QuestionAware, aggregate
 from .sequence import Sequence
 
@@ -138,7 +139,16 @@ class Compressor:
         n_evict = int(math.floor(ratio * len(candidates)))
         n_keep = len(candidates) - n_evict
         inputs.keep_fraction = n_keep / max(len(candidates), 1)
-        scores = press.score(inputs)
+        try:
+            scores = press.score(inputs)
+        except DeviceError as e:
+            if not on_device:
+                raise
+            # nothing has changed yet: this compression goes the host path
+            warnings.warn(f"{e}; compressing on the host instead", RuntimeWarning, stacklevel=2)
+            return replace(self, device=False).compress(seq, ratio, press=press, aggregation=aggregation,
+                                                        compact=compact, protect_recent=protect_recent,
+                                                        n_future=n_future)
         cell_scores = aggregate(scores, aggregation, n_keep=n_keep)
         if scores.ndim == 1:
             aggregation = "mean"  # what the presses that combine per cell use, whatever was asked
@@ -156,7 +166,11 @@ class Compressor:
         if on_device:
             t3 = time.perf_counter()
             if compacted:
-                device_compact(ctx.device, seq.cache, pos, keep)
+                try:
+                    device_compact(ctx.device, seq.cache, pos, keep)
+                except StateError:
+                    seq.reset()
+                    raise
             else:
                 seq.cache.evict(evicted)
         elif compacted:

@@ -26,7 +26,7 @@ import llama_cpp
 import numpy as np
 
 from . import _shim
-from .errors import LlamaKVError
+from .errors import DeviceError, LlamaKVError, StateError
 
 ON_DEVICE = 2  # LLAMA_STATE_SEQ_FLAGS_ON_DEVICE
 
@@ -104,7 +104,7 @@ class DeviceCache:
             ffi.NULL if keydiff_sums is None else _shim.ptr("float *", keydiff_sums))
         self.last_call_s = time.perf_counter() - t0
         if err:
-            raise LlamaKVError(f"scoring on {self.name} failed: {_shim.load().error_string(err)}")
+            raise DeviceError(f"scoring on {self.name} failed: {_shim.load().error_string(err)}")
         return out
 
 
@@ -177,8 +177,18 @@ def compact(dev: DeviceCache, seq_cache, pos: np.ndarray, keep: np.ndarray) -> N
     err = lib.llamakv_device_gather(dev.backend, ffi.cast("void **", ks.ctypes.data), ffi.cast("void **", vs.ctypes.data),
                                     _shim.ptr("int32_t *", vt), len(tensors), stream, n,
                                     _shim.ptr("int32_t *", kept_rows), m)
-    if err:
-        raise LlamaKVError(f"compaction on {dev.name} failed: {_shim.load().error_string(err)}")
+    if err:  # nothing moved: the graph failed before it ran, or ran whole
+        raise DeviceError(f"compaction on {dev.name} failed: {_shim.load().error_string(err)}")
+    try:
+        _relabel(ctx, seq_id, pos, keep, m)
+    except LlamaKVError as e:
+        # the data has moved and llama.cpp's metadata has not: the cells are no longer what they say
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), seq_id, -1, -1)
+        raise StateError(f"{e}; the sequence's cells were freed (prefill again)") from e
+
+
+def _relabel(ctx, seq_id: int, pos: np.ndarray, keep: np.ndarray, m: int) -> None:
+    """Steps 2 and 3 of compact()."""
     mem = llama_cpp.llama_get_memory(ctx)
     if not llama_cpp.llama_memory_seq_rm(mem, seq_id, int(pos[m]), -1):
         raise LlamaKVError(f"llama_memory_seq_rm refused positions from {int(pos[m])}")

@@ -27,3 +27,7 @@ class StateError(LlamaKVError):
 
 class CaptureError(LlamaKVError):
     """The eval callback saw something it could not handle."""
+
+
+class DeviceError(LlamaKVError):
+    """Scoring or compaction on the cache's device failed (out of device memory, an op the backend lacks)."""

@@ -142,3 +142,29 @@ def test_the_scoring_graph_frees_each_layers_float_keys_before_the_next_layer(tm
     n, n_layer, row, scratch = map(int, out.stdout.split()[-4:])
     one_copy = n * row * 4  # one layer's keys as float32
     assert scratch < 12 * one_copy < n_layer * one_copy, (scratch, one_copy)
+
+
+def test_a_failure_on_the_device_before_anything_moved_compresses_on_the_host(fresh, monkeypatch):
+    """Out of device memory while scoring (injected): the cache is untouched, so this compression
+    takes the host path, with a warning."""
+    from llamakv.device import DeviceCache
+    from llamakv.errors import DeviceError
+
+    def out_of_memory(self, *a, **kw):
+        raise DeviceError("scoring on CPU failed: out of memory")
+
+    fresh.prefill("The quick brown fox jumps over the lazy dog. " * 30)
+    snap = fresh.snapshot()
+    fresh.compressor.device = False
+    fresh.compress(0.5)
+    expected = fresh.cache.get_state().tobytes()
+    fresh.restore(snap)
+    monkeypatch.setattr(DeviceCache, "ea_scores", out_of_memory)
+    fresh.compressor.device = True
+    try:
+        with pytest.warns(RuntimeWarning, match="compressing on the host instead"):
+            report = fresh.compress(0.5)
+    finally:
+        fresh.compressor.device = None
+    assert report.device == "" and fresh.cache.get_state().tobytes() == expected
+    assert fresh.reports[-1] is report and len(fresh.reports) == 2  # the host one before, this one
