@@ -14,7 +14,7 @@ from typing import Iterator, Sequence as Seq
 
 import llama_cpp
 
-from . import statefile
+from . import completions, statefile
 from .compressor import CompressionReport, Compressor, check_ratio
 from .context import Context, ProgressFn, open_llama
 from .generation import Bound, Generation, Sampling, generate
@@ -234,6 +234,18 @@ class KVSession:
 
     def generate(self, prompt: str | Seq[int] | None = None, **kwargs) -> str:
         return "".join(self.stream(prompt, **kwargs))
+
+    def create_completion(self, prompt: str | list[int], *args, **kwargs):
+        """llama-cpp-python's `Llama.create_completion` (same arguments, defaults and result shapes),
+        plus `ratio=`, `budget=`, `target=` for compression (completions.py)."""
+        return completions.create_completion(self, prompt, *args, **kwargs)
+
+    def create_chat_completion(self, messages: list[dict], *args, **kwargs):
+        """llama-cpp-python's `Llama.create_chat_completion`, with the model's own chat template,
+        plus `ratio=`, `budget=`, `target=` for compression (completions.py)."""
+        return completions.create_chat_completion(self, messages, *args, **kwargs)
+
+    __call__ = create_completion  # as Llama.__call__
 
     # -- state -----------------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
