@@ -22,24 +22,26 @@ def _data(name: str) -> str:
 
 
 class Progress:
-    """Prefill progress on stderr: rewritten in place on a terminal, every 25% otherwise."""
+    """Prefill progress on stderr (tqdm): redrawn in place on a terminal, a line every 10 s
+    otherwise; nothing for prompts under 256 tokens or when quiet."""
 
     def __init__(self, label: str, quiet: bool = False):
         self.label, self.quiet = label, quiet
-        self.t0 = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-        self.last_quarter = -1
+        self.bar = None
 
     def __call__(self, done: int, total: int) -> None:
         if self.quiet or total < 256:
             return
-        dt = time.perf_counter() - self.t0
-        line = f"{self.label}: {done}/{total} tokens ({100 * done // total}%), {done / max(dt, 1e-9):.0f} tok/s"
-        if self.tty:
-            print("\r" + line, end="\n" if done == total else "", file=sys.stderr, flush=True)
-        elif 4 * done // total > self.last_quarter:
-            self.last_quarter = 4 * done // total
-            print(line, file=sys.stderr, flush=True)
+        if self.bar is None:
+            from tqdm import tqdm
+
+            tty = sys.stderr.isatty()
+            self.bar = tqdm(total=total, desc=self.label, unit="tok", file=sys.stderr,
+                            mininterval=0.1 if tty else 10.0, dynamic_ncols=tty)
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.bar.close()
+            self.bar = None
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

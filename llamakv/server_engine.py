@@ -553,14 +553,15 @@ class Engine:
                  "n_past": len(s.history), "n_cells": s.seq.n_cells, "compressions": s.compressions}
                 for s in self.slots]
 
-    def prometheus(self) -> str:
-        lines = []
+    def prometheus(self) -> bytes:
+        """/metrics in Prometheus' text format (prometheus-client), with llama-server's names."""
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         with self.metrics.lock:
             values = dict(self.metrics.values)
         values["llamacpp:n_decode_total"] = self.context.epoch
         helps = {**Metrics.COUNTERS, "llamacpp:n_decode_total": "llama_decode calls"}
-        for name, help_ in helps.items():
-            lines += [f"# HELP {name} {help_}", f"# TYPE {name} counter", f"{name} {values[name]:g}"]
         views = self.slots_view()
         gauges = {
             "llamakv:kv_cells_used": ("KV cells held by all slots", sum(v["n_cells"] for v in views)),
@@ -570,6 +571,14 @@ class Engine:
             "llamacpp:requests_processing": ("requests being served", sum(v["is_processing"] for v in views)),
             "llamacpp:requests_deferred": ("requests waiting for a slot", len(self.waiting) + self.jobs.qsize()),
         }
-        for name, (help_, v) in gauges.items():
-            lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {v:g}"]
-        return "\n".join(lines) + "\n"
+
+        class Snapshot:  # a collector of the values read above
+            def collect(self):
+                for name, help_ in helps.items():
+                    yield CounterMetricFamily(name, help_, value=values[name])
+                for name, (help_, v) in gauges.items():
+                    yield GaugeMetricFamily(name, help_, value=v)
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(Snapshot())
+        return generate_latest(registry)
