@@ -11,6 +11,7 @@ from importlib import resources
 from .errors import LlamaKVError
 from .generation import json_grammar
 from .eval.run import add_eval_parser
+from .flags import add_llama_flags, llama_kwargs
 from .models import add_models_parser, models_command
 from .scoring import AGGREGATIONS, PRESSES, make_press
 
@@ -48,11 +49,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_pos", nargs="?", metavar="MODEL",
                    help="GGUF file or model name from models.toml (default: smollm2-135m-instruct)")
     p.add_argument("-m", "--model", help="same as MODEL")
-    p.add_argument("-c", "--ctx-size", type=int, default=8192, help="KV cache size in cells (default 8192)")
-    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("-fa", "--flash-attn", action="store_true", help="use flash attention")
-    p.add_argument("-b", "--batch-size", type=int, default=512, help="tokens per decode call (default 512)")
+    add_llama_flags(p)
     p.add_argument("-n", "--n-predict", type=int, default=128, help="most tokens of the answer (default 128)")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy, the default)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -157,9 +154,7 @@ def _open_session(args, *, n_sink: int = 4, full_covariance: bool = False):
     from .session import KVSession
 
     model = args.model or args.model_pos
-    return KVSession.from_model(model, n_ctx=args.ctx_size, n_gpu_layers=args.n_gpu_layers,
-                                n_threads=args.threads, flash_attn=args.flash_attn,
-                                n_batch=args.batch_size, seed=args.seed, verbose=args.verbose,
+    return KVSession.from_model(model, **llama_kwargs(args), seed=args.seed, verbose=args.verbose,
                                 n_sink=n_sink, full_covariance=full_covariance,
                                 stats_window=getattr(args, "stats_window", None),
                                 stats_sample=getattr(args, "stats_sample", 2048) or None)

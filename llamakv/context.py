@@ -95,18 +95,19 @@ class Part:
 
 
 def open_llama(model: str | os.PathLike | None = None, *, n_ctx: int = 8192, n_gpu_layers: int = 0,
-           n_threads: int | None = None, flash_attn: bool = False, n_batch: int = 512,
+           n_threads: int | None = None, flash_attn: bool | str = False, n_batch: int = 512,
            type_k: int | None = None, type_v: int | None = None, seed: int = 0, verbose: bool = False,
            swa_full: bool = False) -> llama_cpp.Llama:
     """Load a GGUF (path or registry name, see models.toml) as a `Llama`, refusing an
     architecture llamakv cannot compress before llama.cpp loads anything. `swa_full`: a
     sliding-window model's sliding cache as large as the context (llama-cpp-python's default)
     instead of the window plus a ubatch (llama-server's default, which llamakv follows: the
-    sliding layers then hold a few hundred cells whatever the context)."""
+    sliding layers then hold a few hundred cells whatever the context). `flash_attn`: True, False
+    or "auto" (llama.cpp decides per device when the Context makes its context)."""
     path = resolve_model(model)
     spec_for(check_gguf(path))  # refuses before llama.cpp loads anything
     kwargs = dict(n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
-                  n_batch=n_batch, n_ubatch=n_batch, flash_attn=flash_attn, seed=seed,
+                  n_batch=n_batch, n_ubatch=n_batch, flash_attn=flash_attn is True, seed=seed,
                   verbose=verbose, swa_full=swa_full)
     # llama-cpp-python decodes on half the cores by default; llama.cpp uses them all
     n_threads = n_threads or os.cpu_count() or 1
@@ -119,6 +120,8 @@ def open_llama(model: str | os.PathLike | None = None, *, n_ctx: int = 8192, n_g
         llama = load_llama(path, **kwargs)
     except ValueError as e:
         raise ModelError(f"llama.cpp could not load {path}: {e}") from e
+    if flash_attn == "auto":  # llama-cpp-python maps only on/off: the Context's own context decides
+        llama.context_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
     return llama
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from .errors import LlamaKVError
 from .scoring import AGGREGATIONS, PRESSES
-from .server_engine import CACHE_TYPES, ApiError, Engine, KVParams
+from .flags import add_llama_flags, llama_kwargs
+from .server_engine import ApiError, Engine, KVParams
 
 
 
@@ -31,14 +32,7 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("-m", "--model", default=None,
                    help="GGUF file or model name from models.toml (default: smollm2-135m-instruct)")
     g.add_argument("-a", "--alias", help="model name reported by /v1/models (default: the file name)")
-    g.add_argument("-c", "--ctx-size", type=int, default=4096, help="KV cache size in cells (default 4096)")
-    g.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", type=int, default=0, help="layers on the GPU")
-    g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    g.add_argument("-b", "--batch-size", type=int, default=512, help="tokens per decode call (default 512)")
-    g.add_argument("-fa", "--flash-attn", nargs="?", const="on", default="off", choices=["on", "off", "auto"],
-                   help="flash attention (auto means off here)")
-    g.add_argument("-ctk", "--cache-type-k", default="f16", choices=sorted(CACHE_TYPES), help="K cache type")
-    g.add_argument("-ctv", "--cache-type-v", default="f16", choices=sorted(CACHE_TYPES), help="V cache type")
+    add_llama_flags(g)
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     g.add_argument("-np", "--parallel", type=int, default=1,
@@ -101,8 +95,7 @@ def cmd_serve(args) -> int:
         defaults.validate()
     except ApiError as e:
         raise LlamaKVError(f"bad compression flag: {e.message}") from None
-    if args.cache_type_v not in ("f16", "f32", "bf16") and args.flash_attn != "on":
-        raise LlamaKVError(f"a quantized V cache (-ctv {args.cache_type_v}) needs flash attention: add -fa on")
+    llama_kwargs(args)  # the llama.cpp flags checked before the model loads
     if args.parallel < 1:
         raise LlamaKVError(f"-np must be at least 1, got {args.parallel}")
     if args.slot_save_path:

@@ -30,16 +30,13 @@ from . import statefile
 from .compressor import Compressor
 from .context import Context, open_llama
 from .errors import LlamaKVError, StateError
+from .flags import llama_kwargs
 from .generation import Generation, Piece, Sampling, decode_step
 from .models import resolve_model
 from .scoring import AGGREGATIONS, PRESSES, make_press
 from .sequence import Sequence
 
 log = logging.getLogger("llamakv.server")
-
-CACHE_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1",
-               "iq4_nl": "IQ4_NL", "q5_0": "Q5_0", "q5_1": "Q5_1"}
-
 
 class ApiError(Exception):
     """An error answered as JSON of OpenAI's shape: {"error": {"message", "type", "code"}}."""
@@ -196,11 +193,7 @@ class Engine:
 
     def _load(self) -> None:
         args = self.args
-        type_k = getattr(llama_cpp, "GGML_TYPE_" + CACHE_TYPES[args.cache_type_k])
-        type_v = getattr(llama_cpp, "GGML_TYPE_" + CACHE_TYPES[args.cache_type_v])
-        self.llama = open_llama(args.model, n_ctx=args.ctx_size, n_gpu_layers=args.n_gpu_layers,
-                                n_threads=args.threads, flash_attn=args.flash_attn == "on", n_batch=args.batch_size,
-                                type_k=type_k, type_v=type_v, verbose=args.verbose)
+        self.llama = open_llama(args.model, **llama_kwargs(args), verbose=args.verbose)
         self.context = Context(self.llama, n_seq=args.parallel, n_sink=args.kv_n_sink)
         self.vocab = self.context.vocab
         self.slots = [Slot(i, Sequence(self.context, i)) for i in range(args.parallel)]

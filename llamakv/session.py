@@ -55,7 +55,7 @@ class KVSession:
 
     @classmethod
     def from_model(cls, model: str | os.PathLike | None = None, *, n_ctx: int = 8192, n_gpu_layers: int = 0,
-                   n_threads: int | None = None, flash_attn: bool = False, n_batch: int = 512,
+                   n_threads: int | None = None, flash_attn: bool | str = False, n_batch: int = 512,
                    type_k: int | None = None, type_v: int | None = None, seed: int = 0, verbose: bool = False,
                    swa_full: bool = False, **session_kwargs) -> "KVSession":
         """Load a GGUF (path or registry name, see models.toml) and wrap it (context.open_llama)."""

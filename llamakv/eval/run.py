@@ -29,6 +29,7 @@ import llama_cpp
 import numpy as np
 
 from ..errors import LlamaKVError
+from ..flags import add_llama_flags, llama_kwargs
 from ..scoring import AGGREGATIONS, make_press
 from .tasks import TASKS, Sample, expand_tasks, generate_samples, load_samples, score
 
@@ -350,12 +351,8 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--dump-samples", metavar="PATH", help="write the generated samples as JSONL")
     p.add_argument("--samples", metavar="PATH", help="read samples from JSONL instead of generating them")
     p.add_argument("--generate-only", action="store_true", help="only generate (and dump) the samples")
-    p.add_argument("-c", "--ctx-size", type=int, default=None,
-                   help="KV cache size in cells (default: the longest prompt + generation + KL tokens)")
-    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("-fa", "--flash-attn", action="store_true", help="use flash attention")
-    p.add_argument("-b", "--batch-size", type=int, default=512, help="tokens per decode call (default 512)")
+    add_llama_flags(p, ctx_default=None,
+                    ctx_help="KV cache size in cells (default: the longest prompt + generation + KL tokens)")
     p.add_argument("--n-sink", type=int, default=4, help="first positions never evicted (default 4)")
     p.add_argument("--epsilon", type=float, default=None,
                    help="Expected Attention's epsilon (default: the press's, 0)")
@@ -389,8 +386,7 @@ def cmd_eval(args) -> int:
     else:  # samples from elsewhere may not say how long they are
         longest = args.length
     n_ctx = args.ctx_size or (longest + max(args.kl_tokens, 1) + 64)
-    session = KVSession.from_model(model, n_ctx=n_ctx, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
-                                   flash_attn=args.flash_attn, n_batch=args.batch_size, verbose=args.verbose,
+    session = KVSession.from_model(model, **{**llama_kwargs(args), "n_ctx": n_ctx}, verbose=args.verbose,
                                    n_sink=args.n_sink)
     chat = not args.no_chat
     if samples is None:
