@@ -1,6 +1,7 @@
 """Scoring methods ("presses") and the aggregation of per-head scores into one score per cell.
 
-A press looks at the cache (keys after RoPE and values, read from the sequence state), the query
+A press looks at the cache (keys after RoPE and values, read from the sequence state, or for
+Expected Attention on a GPU from the cache tensors where they lie: device.py), the query
 statistics, the window of recent queries and the model's rope, and returns scores per (layer,
 KV head, cell): higher means keep. llama.cpp frees whole cells (every layer and head of a token
 at once), so `aggregate` turns those scores into one score per cell through an explicit policy.

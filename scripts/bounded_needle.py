@@ -329,7 +329,7 @@ def markdown(rows: list[dict], title: str, budget: int) -> str:
     stream = "streaming_llm" if "streaming_llm" in methods else None
     others = [m for m in methods if m not in (full, stream)]
     if others and (full or stream):
-        out += ["", ("Goal of issue 4 (at 4x): >= 90% of the full cache's accuracy and >= 2x StreamingLLM's. "
+        out += ["", ("Goal (at 4x): >= 90% of the full cache's accuracy and >= 2x StreamingLLM's. "
                 "Each method as % of the full cache / as a multiple of StreamingLLM:"), "", head, sep]
 
         def ratio(m, L):
