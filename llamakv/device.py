@@ -6,11 +6,13 @@ cache. Here nothing of the cache leaves the device:
 
 - scores: csrc/llamakv_device.c computes Expected Attention (and KeyDiff) from the layers' cache
   tensors with a ggml graph on the backend that holds them; only the scores come back;
-- eviction: seq_rm of the evicted positions (llama.cpp's cell metadata, on the host);
-- compaction: the sequence is copied into device buffers and back (llama.cpp's
-  LLAMA_STATE_SEQ_FLAGS_ON_DEVICE states), which puts its cells at the bottom of its stream, in
-  order, so that the attention width shrinks; only the cells' positions cross. llama.cpp keeps
-  those buffers (the size of the kept cells) for the sequence's next device copy.
+- compaction (compact()): the kept cells' K and V move down to the first cells of the stream in
+  the cache tensors (one gather per tensor), the cells above are freed, and a device-side
+  sequence state (llama.cpp's LLAMA_STATE_SEQ_FLAGS_ON_DEVICE: the data copied within the device,
+  the cells' metadata on the host) relabels the cells with the kept positions; only positions
+  cross. llama.cpp keeps that state's device buffers (the size of the kept cells) for the
+  sequence's next device copy;
+- eviction without compaction: seq_rm of the evicted positions (llama.cpp's cell metadata).
 
 The scores are those of the cells 0 .. n-1 of the sequence's stream, taken to hold its positions
 in ascending order: llama.cpp fills a stream from its lowest free cell, and compaction and
@@ -46,6 +48,7 @@ class DeviceCache:
         pairs = dict.fromkeys(zip(cap.k_cache.tolist(), cap.v_cache.tolist(), cap.v_trans.tolist()))
         self.all_k, self.all_v, self.all_v_trans = (list(x) for x in zip(*pairs)) if pairs else ([], [], [])
         self.backend = None
+        self.is_gpu, self.name = False, ""
         self.why_not = ""
         self.last_call_s = 0.0  # the last scoring call on the device, wall
         lib, ffi = _shim.load().lib, _shim.load().ffi
