@@ -163,12 +163,14 @@ static struct ggml_tensor * chunk_logits(struct ggml_context * ctx, struct ggml_
 }
 
 /* Float keys [d, n, n_head_kv] of the cells idx of a cache tensor's stream. */
+/* Float keys [d, n, n_head_kv] of the cells idx [n, n_head_kv] (each head's column the same cells)
+ * of a cache tensor's stream: get_rows over the tensor seen as [d, cells, heads] (a strided view)
+ * converts, dequantizes and lays the heads out as the products want, in one pass. */
 static struct ggml_tensor * keys_of(struct ggml_context * ctx, struct ggml_tensor * k, int32_t stream,
                                     struct ggml_tensor * idx, int64_t d, int64_t hkv) {
-    struct ggml_tensor * rows = ggml_view_2d(ctx, k, k->ne[0], k->ne[1], k->nb[1], (size_t) stream * k->nb[2]);
-    struct ggml_tensor * kf = ggml_get_rows(ctx, rows, idx);  /* [d * hkv, n] float */
-    struct ggml_tensor * k3 = ggml_reshape_3d(ctx, kf, d, hkv, idx->ne[0]);
-    return ggml_cont(ctx, ggml_permute(ctx, k3, 0, 2, 1, 3));
+    struct ggml_tensor * heads = ggml_view_3d(ctx, k, d, k->ne[1], hkv, k->nb[1], ggml_row_size(k->type, d),
+                                              (size_t) stream * k->nb[2]);
+    return ggml_get_rows(ctx, heads, idx);
 }
 
 /* Value norms [1, n, n_head_kv] of cells c0 .. c0 + n - 1 (rows) or of the same cells of a
@@ -176,10 +178,8 @@ static struct ggml_tensor * keys_of(struct ggml_context * ctx, struct ggml_tenso
 static struct ggml_tensor * value_norms(struct ggml_context * ctx, struct ggml_tensor * v, int32_t v_trans, int32_t stream,
                                         struct ggml_tensor * idx, int64_t c0, int64_t n, int64_t dv, int64_t hkv) {
     if (!v_trans) {
-        struct ggml_tensor * rows = ggml_view_2d(ctx, v, v->ne[0], v->ne[1], v->nb[1], (size_t) stream * v->nb[2]);
-        struct ggml_tensor * vf = ggml_reshape_3d(ctx, ggml_get_rows(ctx, rows, idx), dv, hkv, n);
-        struct ggml_tensor * s = ggml_sqrt(ctx, ggml_sum_rows(ctx, ggml_sqr(ctx, vf)));  /* [1, hkv, n] */
-        return ggml_cont(ctx, ggml_permute(ctx, s, 0, 2, 1, 3));
+        struct ggml_tensor * vf = keys_of(ctx, v, stream, idx, dv, hkv);  /* [dv, n, hkv] */
+        return ggml_sqrt(ctx, ggml_sum_rows(ctx, ggml_sqr(ctx, vf)));      /* [1, n, hkv] */
     }
     const size_t el = ggml_type_size(v->type);
     const int64_t kv_size = v->ne[1];
@@ -213,7 +213,7 @@ static struct ggml_tensor * layer_scores(struct ggml_context * ctx, struct ggml_
     *kd = NULL;
     for (int64_t c0 = 0; c0 < n; c0 += CHUNK_CELLS) {
         const int64_t nc = n - c0 < CHUNK_CELLS ? n - c0 : CHUNK_CELLS;
-        struct ggml_tensor * idx_c = ggml_view_1d(ctx, in->idx, nc, (size_t) c0 * sizeof(int32_t));
+        struct ggml_tensor * idx_c = ggml_view_2d(ctx, in->idx, nc, hkv, in->idx->nb[1], (size_t) c0 * sizeof(int32_t));
         struct ggml_tensor * kp = keys_of(ctx, k, stream, idx_c, d, hkv);
         struct ggml_tensor * cos_sum = NULL;
         z = concat_or(ctx, z, chunk_logits(ctx, kp, in, n_pairs, pair_kind, anchor, &cos_sum), 0);
@@ -276,31 +276,36 @@ int32_t llamakv_device_ea_scores(void * backend, void ** k_cache, void ** v_cach
     if (ictx == NULL || ctx == NULL) { err = DEV_ERR_NO_MEMORY; goto done; }
     /* the inputs of every layer in one buffer: the cells, their mask, the anchor sample and per
      * layer the weights [d, group, hkv] of k, k*k and the pairs' products, and the sinks */
-    struct ggml_tensor * idx = ggml_new_tensor_1d(ictx, GGML_TYPE_I32, n);
+    struct ggml_tensor * idx = ggml_new_tensor_2d(ictx, GGML_TYPE_I32, n, hkv);  /* the cells, per KV head */
     struct ggml_tensor * mask = ggml_new_tensor_3d(ictx, GGML_TYPE_F32, n, 1, 1);
     struct ggml_tensor * scored01 = ggml_new_tensor_3d(ictx, GGML_TYPE_F32, 1, n, 1);
-    struct ggml_tensor * anchor_idx = n_anchor > 0 ? ggml_new_tensor_1d(ictx, GGML_TYPE_I32, n_anchor) : NULL;
+    struct ggml_tensor * anchor_idx = n_anchor > 0 ? ggml_new_tensor_2d(ictx, GGML_TYPE_I32, n_anchor, hkv) : NULL;
     struct ggml_tensor * w_lin = ggml_new_tensor_4d(ictx, GGML_TYPE_F32, d, group, hkv, n_layer);
     struct ggml_tensor * w_sq = ggml_new_tensor_4d(ictx, GGML_TYPE_F32, d, group, hkv, n_layer);
     struct ggml_tensor * w_cross = n_pairs > 0 ? ggml_new_tensor_4d(ictx, GGML_TYPE_F32, n_pairs, group, hkv, n_layer) : NULL;
     struct ggml_tensor * sink_t = sinks != NULL ? ggml_new_tensor_2d(ictx, GGML_TYPE_F32, n_head, n_layer) : NULL;
     in_buf = ggml_backend_alloc_ctx_tensors(ictx, s->backend);
     const size_t per_layer = (size_t) n_head * d;
-    host = malloc(sizeof(float) * (size_t) (3 * n + 2 * per_layer * n_layer + (size_t) n_head * (n_pairs + 1) * n_layer));
+    host = malloc(sizeof(float) * (size_t) ((2 + hkv) * n + hkv * (n_anchor > 0 ? n_anchor : 0) +
+                                            2 * per_layer * n_layer + (size_t) n_head * (n_pairs + 1) * n_layer));
     if (in_buf == NULL || host == NULL) { err = DEV_ERR_NO_MEMORY; goto done; }
     {
-        int32_t * hidx = (int32_t *) host;
-        float * hmask = host + n;
-        float * h01 = host + 2 * n;
+        float * hmask = host, * h01 = host + n;
+        int32_t * hidx = (int32_t *) (host + 2 * n);
+        int32_t * hanchor = hidx + (int64_t) hkv * n;
         for (int64_t i = 0; i < n; ++i) {
-            hidx[i] = (int32_t) i;
             hmask[i] = scored[i] ? 0.0f : -INFINITY;
             h01[i] = scored[i] ? 1.0f : 0.0f;
+            for (int32_t g = 0; g < hkv; ++g) hidx[(int64_t) g * n + i] = (int32_t) i;
+        }
+        for (int64_t i = 0; i < n_anchor; ++i) {
+            for (int32_t g = 0; g < hkv; ++g) hanchor[(int64_t) g * n_anchor + i] = anchor_cells[i];
         }
         ggml_backend_tensor_set(idx, hidx, 0, ggml_nbytes(idx));
         ggml_backend_tensor_set(mask, hmask, 0, ggml_nbytes(mask));
         ggml_backend_tensor_set(scored01, h01, 0, ggml_nbytes(scored01));
-        float * wl = host + 3 * n, * wq = wl + per_layer * n_layer, * wc = wq + per_layer * n_layer;
+        float * wl = (float *) (hanchor + (int64_t) hkv * n_anchor), * wq = wl + per_layer * n_layer;
+        float * wc = wq + per_layer * n_layer;
         for (int64_t r = 0; r < (int64_t) n_layer * n_head; ++r) {  /* rows of (layer, head) */
             memcpy(wl + r * d, w + r * wrow, d * sizeof(float));
             memcpy(wq + r * d, w + r * wrow + d, d * sizeof(float));
@@ -309,7 +314,7 @@ int32_t llamakv_device_ea_scores(void * backend, void ** k_cache, void ** v_cach
         ggml_backend_tensor_set(w_lin, wl, 0, ggml_nbytes(w_lin));
         ggml_backend_tensor_set(w_sq, wq, 0, ggml_nbytes(w_sq));
         if (w_cross != NULL) ggml_backend_tensor_set(w_cross, wc, 0, ggml_nbytes(w_cross));
-        if (anchor_idx != NULL) ggml_backend_tensor_set(anchor_idx, anchor_cells, 0, ggml_nbytes(anchor_idx));
+        if (anchor_idx != NULL) ggml_backend_tensor_set(anchor_idx, hanchor, 0, ggml_nbytes(anchor_idx));
         if (sink_t != NULL) ggml_backend_tensor_set(sink_t, sinks, 0, ggml_nbytes(sink_t));
     }
     struct ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_nodes, false);
