@@ -67,6 +67,48 @@ class DeviceCache:
         self.backend = ffi.cast("void *", backends.pop())
         self.is_gpu = bool(lib.llamakv_device_is_gpu(self.backend))
         self.name = ffi.string(lib.llamakv_device_name(self.backend)).decode()
+        if self.is_gpu:
+            try:
+                self.warm()
+            except DeviceError as e:
+                self.backend, self.why_not = None, str(e)
+
+    WARM_CELLS = 16384  # the scoring graph's largest chunk: its scratch does not grow past it
+
+    def warm(self, n_cells: int | None = None) -> None:
+        """Run the scoring and gather graphs once on the context's empty cache (their results are
+        discarded; the gather moves cells: only while no sequence holds any), so that the first compression finds the scratch memory allocated and the
+        kernels loaded: on a GPU both are done lazily, and cost the first compression of a session
+        about 60 ms at 8k tokens."""
+        ctx = self.ctx
+        n = min(int(n_cells or self.WARM_CELLS), int(ctx.n_ctx_seq))
+        if n < 2:
+            return
+        lib, ffi = _shim.load().lib, _shim.load().ffi
+        n_layer, d = len(self.k), ctx.head_dim
+        weights = np.zeros((n_layer, ctx.n_head, 2 * d + d // 2), dtype=np.float32)
+        scored = np.ones(n, dtype=np.uint8)
+        anchors = np.arange(0, n, max(1, n // 64), dtype=np.int32)
+        keys = np.ascontiguousarray(self.k, dtype=np.uint64)
+        values = np.ascontiguousarray(self.v, dtype=np.uint64)
+        shares, kd = np.empty(n, np.float32), np.empty((n_layer, n), np.float32)
+        err = lib.llamakv_device_ea_scores(
+            self.backend, ffi.cast("void **", keys.ctypes.data), ffi.cast("void **", values.ctypes.data),
+            _shim.ptr("int32_t *", self.v_trans), n_layer, 0, n, ctx.n_head, ctx.n_head_kv, d,
+            _shim.ptr("float *", weights), d // 2, 2, ffi.NULL, ffi.NULL, _shim.ptr("uint8_t *", scored), 1, 0.0,
+            _shim.ptr("int32_t *", anchors), len(anchors), ffi.NULL, _shim.ptr("float *", shares),
+            _shim.ptr("float *", kd))
+        if err:
+            raise DeviceError(f"the scoring graph does not run on {self.name}: {_shim.load().error_string(err)}")
+        ks = np.array(self.all_k, dtype=np.uint64)
+        vs = np.array(self.all_v, dtype=np.uint64)
+        vt = np.array(self.all_v_trans, dtype=np.int32)
+        kept = np.arange(0, 2 * (n // 2), 2, dtype=np.int32)  # cells moved within the empty cache
+        err = lib.llamakv_device_gather(self.backend, ffi.cast("void **", ks.ctypes.data),
+                                        ffi.cast("void **", vs.ctypes.data), _shim.ptr("int32_t *", vt), len(ks), 0,
+                                        n, _shim.ptr("int32_t *", kept), len(kept))
+        if err:
+            raise DeviceError(f"the compaction graph does not run on {self.name}: {_shim.load().error_string(err)}")
 
     @property
     def available(self) -> bool:

@@ -168,3 +168,17 @@ def test_a_failure_on_the_device_before_anything_moved_compresses_on_the_host(fr
         fresh.compressor.device = None
     assert report.device == "" and fresh.cache.get_state().tobytes() == expected
     assert fresh.reports[-1] is report and len(fresh.reports) == 2  # the host one before, this one
+
+
+def test_the_warm_up_on_an_empty_cache_leaves_compression_as_it_was():
+    """On a GPU the graphs run once when the context is made (scratch allocated, kernels loaded
+    before the first compression); run here on the CPU backend before a prefill, the device
+    path still writes the host path's state."""
+    s = KVSession.from_model(None, n_ctx=2048, n_threads=2, flash_attn=True)
+    try:
+        s.context.device.warm(512)
+        s.prefill(needle_prompt(30, at=10)[0])
+        host, dev = _compress_both(s)
+        assert dev[2].device == "CPU" and host[1] == dev[1]
+    finally:
+        s.close()
