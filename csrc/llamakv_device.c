@@ -162,7 +162,6 @@ static struct ggml_tensor * chunk_logits(struct ggml_context * ctx, struct ggml_
     return z;
 }
 
-/* Float keys [d, n, n_head_kv] of the cells idx of a cache tensor's stream. */
 /* Float keys [d, n, n_head_kv] of the cells idx [n, n_head_kv] (each head's column the same cells)
  * of a cache tensor's stream: get_rows over the tensor seen as [d, cells, heads] (a strided view)
  * converts, dequantizes and lays the heads out as the products want, in one pass. */
@@ -261,7 +260,7 @@ int32_t llamakv_device_ea_scores(void * backend, void ** k_cache, void ** v_cach
         const struct ggml_tensor * k = (const struct ggml_tensor *) k_cache[l];
         const struct ggml_tensor * v = (const struct ggml_tensor *) v_cache[l];
         if (k == NULL || k->ne[0] != (int64_t) d * hkv || n_cells > k->ne[1] || stream >= k->ne[2] ||
-            (use_vnorm && (v == NULL || v->ne[0] % hkv != 0))) {
+            (use_vnorm && (v == NULL || v->ne[0] != (int64_t) d * hkv))) {
             return DEV_ERR_SHAPE;
         }
     }
