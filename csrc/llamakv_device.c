@@ -24,7 +24,7 @@
 #include "llamakv_shim.h"
 
 enum { DEV_ERR_NO_MEMORY = 6, DEV_ERR_DEVICE = 7, DEV_ERR_SHAPE = 8 };
-enum { MAX_DEVICES = 16, CHUNK_CELLS = 16384, MAX_NODES = 2048 };
+enum { MAX_DEVICES = 16, CHUNK_CELLS = 16384 };
 
 typedef struct {
     ggml_backend_dev_t dev;
@@ -36,7 +36,15 @@ static device_slot slots[MAX_DEVICES];
 static int n_slots;
 static pthread_mutex_t slots_lock = PTHREAD_MUTEX_INITIALIZER;
 
-static int run_warmup(ggml_backend_t backend);
+static struct ggml_context * sized_context(size_t n_nodes) {
+    struct ggml_init_params p = {
+        /*.mem_size   =*/ ggml_tensor_overhead() * n_nodes * 2 + ggml_graph_overhead_custom(n_nodes, false),
+        /*.mem_buffer =*/ NULL,
+        /*.no_alloc   =*/ true,
+    };
+    return ggml_init(p);
+}
+
 
 static void set_threads(ggml_backend_dev_t dev, ggml_backend_t backend, int32_t n_threads) {
     if (n_threads <= 0) return;
@@ -62,15 +70,12 @@ void * llamakv_device_backend(void * tensor, int32_t n_threads) {
     }
     if (s == NULL && n_slots < MAX_DEVICES) {
         ggml_backend_t backend = ggml_backend_dev_init(dev, NULL);
-        set_threads(dev, backend, n_threads);
-        const bool gpu = ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU;
-        if (backend != NULL && (!gpu || run_warmup(backend) == 0)) {
+        if (backend != NULL) {
+            set_threads(dev, backend, n_threads);
             s = &slots[n_slots++];
             s->dev = dev;
             s->backend = backend;
             s->galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend));
-        } else if (backend != NULL) {
-            ggml_backend_free(backend);
         }
     } else if (s != NULL) {
         set_threads(dev, s->backend, n_threads);
@@ -89,41 +94,6 @@ size_t llamakv_device_scratch_bytes(void * slot) {
 
 const char * llamakv_device_name(void * slot) {
     return slot != NULL ? ggml_backend_dev_name(((device_slot *) slot)->dev) : "";
-}
-
-static struct ggml_context * graph_context(void) {
-    struct ggml_init_params p = {
-        /*.mem_size   =*/ ggml_tensor_overhead() * MAX_NODES * 2 + ggml_graph_overhead_custom(MAX_NODES, false),
-        /*.mem_buffer =*/ NULL,
-        /*.no_alloc   =*/ true,
-    };
-    return ggml_init(p);
-}
-
-/* A small product of the kind the scores use, so that a GPU backend's lazily created handles and
- * kernels exist before the first compression needs them. */
-static int run_warmup(ggml_backend_t backend) {
-    struct ggml_context * ctx = graph_context();
-    if (ctx == NULL) return DEV_ERR_NO_MEMORY;
-    struct ggml_tensor * a = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 64, 256, 2);
-    struct ggml_tensor * b = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 64, 4, 2);
-    ggml_set_input(a);
-    ggml_set_input(b);
-    struct ggml_tensor * z = ggml_soft_max(ctx, ggml_mul_mat(ctx, a, b));
-    ggml_set_output(z);
-    struct ggml_cgraph * gf = ggml_new_graph(ctx);
-    ggml_build_forward_expand(gf, z);
-    int err = 0;
-    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors(ctx, backend);
-    if (buf == NULL) {
-        err = DEV_ERR_NO_MEMORY;
-    } else {
-        ggml_backend_buffer_clear(buf, 0);
-        if (ggml_backend_graph_compute(backend, gf) != GGML_STATUS_SUCCESS) err = DEV_ERR_DEVICE;
-        ggml_backend_buffer_free(buf);
-    }
-    ggml_free(ctx);
-    return err;
 }
 
 /* The inputs of one layer's graph, allocated in their own buffer and filled from the host. */
@@ -234,15 +204,6 @@ static struct ggml_tensor * layer_scores(struct ggml_context * ctx, struct ggml_
 static size_t graph_nodes(int32_t n_layer, int64_t n) {
     const int64_t chunks = (n + CHUNK_CELLS - 1) / CHUNK_CELLS;
     return (size_t) (256 + n_layer * (64 + chunks * 64));
-}
-
-static struct ggml_context * sized_context(size_t n_nodes) {
-    struct ggml_init_params p = {
-        /*.mem_size   =*/ ggml_tensor_overhead() * n_nodes * 2 + ggml_graph_overhead_custom(n_nodes, false),
-        /*.mem_buffer =*/ NULL,
-        /*.no_alloc   =*/ true,
-    };
-    return ggml_init(p);
 }
 
 int32_t llamakv_device_ea_scores(void * backend, void ** k_cache, void ** v_cache, const int32_t * v_trans,

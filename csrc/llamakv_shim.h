@@ -176,8 +176,7 @@ void llamakv_pinned_free(void * handle);
  * 0 .. n_cells - 1 of `stream`, in cell order (llamakv keeps a sequence's cells there). */
 
 /* A backend for the device holding tensor `t` (a ggml_tensor *), started once per device; NULL
- * where its buffer is not the device's own (e.g. host memory of a GPU). Also runs a small graph
- * the first time, so that what a device starts lazily (cuBLAS) is ready before it is needed. */
+ * where its buffer is not the device's own (e.g. host memory of a GPU). */
 void * llamakv_device_backend(void * t, int32_t n_threads);
 const char * llamakv_device_name(void * backend);
 int32_t llamakv_device_is_gpu(void * backend);  /* 0: the CPU backend */

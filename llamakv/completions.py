@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Iterator, Sequence as Seq
 
-from .generation import Generation, Sampling, generate, json_grammar
+from .generation import Bound, Generation, Sampling, generate, json_grammar
 
 if TYPE_CHECKING:
     from .session import KVSession
@@ -57,8 +57,6 @@ def _run(session: "KVSession", tokens: list[int], sampling: Sampling, ratio: flo
          target: int | None) -> tuple[Generation, Iterator[str]]:
     """Prefill `tokens` into an empty cache (compressed or bounded as asked) and the generation
     with the iterator of its text pieces."""
-    from .generation import Bound
-
     session.reset()
     bound = None
     if budget is not None:

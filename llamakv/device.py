@@ -77,38 +77,22 @@ class DeviceCache:
 
     def warm(self, n_cells: int | None = None) -> None:
         """Run the scoring and gather graphs once on the context's empty cache (their results are
-        discarded; the gather moves cells: only while no sequence holds any), so that the first compression finds the scratch memory allocated and the
-        kernels loaded: on a GPU both are done lazily, and cost the first compression of a session
-        about 60 ms at 8k tokens."""
+        discarded; the gather moves cells: only while no sequence holds any), so that the first
+        compression finds the scratch memory allocated and the kernels loaded: on a GPU both are
+        done lazily, and cost the first compression of a session about 60 ms at 8k tokens."""
         ctx = self.ctx
         n = min(int(n_cells or self.WARM_CELLS), int(ctx.n_ctx_seq))
         if n < 2:
             return
-        lib, ffi = _shim.load().lib, _shim.load().ffi
         n_layer, d = len(self.k), ctx.head_dim
         weights = np.zeros((n_layer, ctx.n_head, 2 * d + d // 2), dtype=np.float32)
-        scored = np.ones(n, dtype=np.uint8)
         anchors = np.arange(0, n, max(1, n // 64), dtype=np.int32)
-        keys = np.ascontiguousarray(self.k, dtype=np.uint64)
-        values = np.ascontiguousarray(self.v, dtype=np.uint64)
-        shares, kd = np.empty(n, np.float32), np.empty((n_layer, n), np.float32)
-        err = lib.llamakv_device_ea_scores(
-            self.backend, ffi.cast("void **", keys.ctypes.data), ffi.cast("void **", values.ctypes.data),
-            _shim.ptr("int32_t *", self.v_trans), n_layer, 0, n, ctx.n_head, ctx.n_head_kv, d,
-            _shim.ptr("float *", weights), d // 2, 2, ffi.NULL, ffi.NULL, _shim.ptr("uint8_t *", scored), 1, 0.0,
-            _shim.ptr("int32_t *", anchors), len(anchors), ffi.NULL, _shim.ptr("float *", shares),
-            _shim.ptr("float *", kd))
-        if err:
-            raise DeviceError(f"the scoring graph does not run on {self.name}: {_shim.load().error_string(err)}")
-        ks = np.array(self.all_k, dtype=np.uint64)
-        vs = np.array(self.all_v, dtype=np.uint64)
-        vt = np.array(self.all_v_trans, dtype=np.int32)
-        kept = np.arange(0, 2 * (n // 2), 2, dtype=np.int32)  # cells moved within the empty cache
-        err = lib.llamakv_device_gather(self.backend, ffi.cast("void **", ks.ctypes.data),
-                                        ffi.cast("void **", vs.ctypes.data), _shim.ptr("int32_t *", vt), len(ks), 0,
-                                        n, _shim.ptr("int32_t *", kept), len(kept))
-        if err:
-            raise DeviceError(f"the compaction graph does not run on {self.name}: {_shim.load().error_string(err)}")
+        try:
+            self._scores(0, n, weights, d // 2, 2, None, None, np.ones(n, dtype=np.uint8), True, 0.0, anchors,
+                         None, np.empty(n, np.float32), np.empty((n_layer, n), np.float32))
+            self.gather(0, n, np.arange(0, 2 * (n // 2), 2))  # cells moved within the empty cache
+        except DeviceError as e:
+            raise DeviceError(f"the compression graphs do not run on {self.name}: {e}") from e
 
     @property
     def available(self) -> bool:
@@ -130,27 +114,53 @@ class DeviceCache:
         n, n_layer = cells.n_cells, inputs.n_layer
         out = np.empty(n if mean_only else (n_layer, inputs.n_head_kv, n), dtype=np.float32)
         caps = np.array([inputs.cap(j) for j in range(n_layer)], dtype=np.float32)
-        sinks = None if inputs.sink_logits is None else np.ascontiguousarray(inputs.sink_logits, dtype=np.float32)
-        anchors = None if anchor_cells is None else np.ascontiguousarray(anchor_cells, dtype=np.int32)
-        lib, ffi = _shim.load().lib, _shim.load().ffi
         # llama_decode returns before a GPU has finished: the cache is read on another stream
         llama_cpp.llama_synchronize(self.ctx.ctx)
         t0 = time.perf_counter()
-        keys = np.ascontiguousarray(self.k, dtype=np.uint64)
-        values = np.ascontiguousarray(self.v, dtype=np.uint64)
-        err = lib.llamakv_device_ea_scores(
-            self.backend, ffi.cast("void **", keys.ctypes.data), ffi.cast("void **", values.ctypes.data),
-            _shim.ptr("int32_t *", self.v_trans), n_layer, cells.stream, n, inputs.n_head, inputs.n_head_kv,
-            inputs.head_dim, _shim.ptr("float *", np.ascontiguousarray(weights, dtype=np.float32)), n_pairs,
-            pair_kind, _shim.ptr("float *", caps), ffi.NULL if sinks is None else _shim.ptr("float *", sinks),
-            _shim.ptr("uint8_t *", np.ascontiguousarray(scored, dtype=np.uint8)), int(use_vnorm), float(epsilon),
-            ffi.NULL if anchors is None else _shim.ptr("int32_t *", anchors), 0 if anchors is None else len(anchors),
-            ffi.NULL if mean_only else _shim.ptr("float *", out), _shim.ptr("float *", out) if mean_only else ffi.NULL,
-            ffi.NULL if keydiff_sums is None else _shim.ptr("float *", keydiff_sums))
+        self._scores(cells.stream, n, weights, n_pairs, pair_kind, caps, inputs.sink_logits, scored, use_vnorm,
+                     epsilon, anchor_cells, None if mean_only else out, out if mean_only else None, keydiff_sums)
         self.last_call_s = time.perf_counter() - t0
+        return out
+
+    def _scores(self, stream: int, n: int, weights, n_pairs: int, pair_kind: int, caps, sinks, scored,
+                use_vnorm: bool, epsilon: float, anchor_cells, out, mean_share, keydiff_sums) -> None:
+        """llamakv_device_ea_scores over the scored layers (arrays None: not given)."""
+        lib, ffi = _shim.load().lib, _shim.load().ffi
+
+        keep = [np.ascontiguousarray(x, dtype=np.uint64) for x in (self.k, self.v)]  # alive during the call
+
+        def arg(ctype: str, a, dtype):
+            if a is None:
+                return ffi.NULL
+            keep.append(np.ascontiguousarray(a, dtype=dtype))
+            return _shim.ptr(ctype, keep[-1])
+
+        ctx = self.ctx
+        err = lib.llamakv_device_ea_scores(
+            self.backend, ffi.cast("void **", keep[0].ctypes.data), ffi.cast("void **", keep[1].ctypes.data),
+            _shim.ptr("int32_t *", self.v_trans), len(self.k), stream, n, ctx.n_head, ctx.n_head_kv, ctx.head_dim,
+            arg("float *", weights, np.float32), n_pairs, pair_kind, arg("float *", caps, np.float32),
+            arg("float *", sinks, np.float32), arg("uint8_t *", scored, np.uint8), int(use_vnorm), float(epsilon),
+            arg("int32_t *", anchor_cells, np.int32), 0 if anchor_cells is None else len(anchor_cells),
+            ffi.NULL if out is None else _shim.ptr("float *", out),
+            ffi.NULL if mean_share is None else _shim.ptr("float *", mean_share),
+            ffi.NULL if keydiff_sums is None else _shim.ptr("float *", keydiff_sums))
         if err:
             raise DeviceError(f"scoring on {self.name} failed: {_shim.load().error_string(err)}")
-        return out
+
+    def gather(self, stream: int, n_cells: int, kept: np.ndarray) -> None:
+        """Cells 0 .. len(kept) - 1 of `stream` take the contents of the cells `kept` (ascending), in
+        every K and V tensor of the cache (llamakv_device_gather)."""
+        lib, ffi = _shim.load().lib, _shim.load().ffi
+        ks = np.array(self.all_k, dtype=np.uint64)
+        vs = np.array(self.all_v, dtype=np.uint64)
+        vt = np.array(self.all_v_trans, dtype=np.int32)
+        kept = np.ascontiguousarray(kept, dtype=np.int32)
+        err = lib.llamakv_device_gather(self.backend, ffi.cast("void **", ks.ctypes.data),
+                                        ffi.cast("void **", vs.ctypes.data), _shim.ptr("int32_t *", vt), len(ks),
+                                        stream, n_cells, _shim.ptr("int32_t *", kept), len(kept))
+        if err:  # nothing moved: the graph failed before it ran, or ran whole
+            raise DeviceError(f"compaction on {self.name} failed: {_shim.load().error_string(err)}")
 
 
 class DeviceCells:
@@ -171,9 +181,10 @@ def _u8p(a: np.ndarray):
     return a.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
 
 
-def first_section_positions(meta: np.ndarray) -> np.ndarray:
-    """Positions of the cells in the first cache section of a sequence state's metadata (the
-    host part of an ON_DEVICE state, or a whole state), in cell order."""
+def _first_section_cells(meta: np.ndarray) -> np.ndarray:
+    """The cells [n, 3] (pos, n_seq_id, seq_id) of the first cache section of a sequence state or
+    of the host part of an ON_DEVICE state (a view), in cell order: the header llama.cpp writes
+    before any tensor data (cache.CacheSection)."""
     off = 8  # magic, sequence id
     (n_stream,) = meta[off:off + 4].view("<u4")
     off += 4
@@ -181,20 +192,13 @@ def first_section_positions(meta: np.ndarray) -> np.ndarray:
         (n,) = meta[off:off + 4].view("<u4")
         off += 4
         if n:
-            cells = meta[off:off + 12 * int(n)].view("<i4").reshape(-1, 3)
-            return cells[:, 0].copy()
-    return np.zeros(0, dtype=np.int32)
+            return meta[off:off + 12 * int(n)].view("<i4").reshape(-1, 3)
+    return np.zeros((0, 3), dtype=np.int32)
 
 
-def _set_first_section_positions(meta: np.ndarray, positions: np.ndarray) -> None:
-    off = 12
-    (n_stream,) = meta[8:12].view("<u4")
-    for _ in range(int(n_stream)):
-        (n,) = meta[off:off + 4].view("<u4")
-        off += 4
-        if n:
-            meta[off:off + 12 * int(n)].view("<i4").reshape(-1, 3)[:, 0] = positions
-            return
+def first_section_positions(meta: np.ndarray) -> np.ndarray:
+    """Positions of the cells of the first cache section of a state (or its ON_DEVICE metadata), in cell order."""
+    return _first_section_cells(meta)[:, 0].copy()
 
 
 def compact(dev: DeviceCache, seq_cache, pos: np.ndarray, keep: np.ndarray) -> None:
@@ -212,18 +216,8 @@ def compact(dev: DeviceCache, seq_cache, pos: np.ndarray, keep: np.ndarray) -> N
     m, n = len(kept_rows), len(pos)
     if m == n:
         return
-    lib, ffi = _shim.load().lib, _shim.load().ffi
-    tensors = [(k, v, t) for k, v, t in zip(dev.all_k, dev.all_v, dev.all_v_trans)]
-    ks = np.array([t[0] for t in tensors], dtype=np.uint64)
-    vs = np.array([t[1] for t in tensors], dtype=np.uint64)
-    vt = np.array([t[2] for t in tensors], dtype=np.int32)
-    stream = dev.stream_of(seq_id)
     llama_cpp.llama_synchronize(ctx)
-    err = lib.llamakv_device_gather(dev.backend, ffi.cast("void **", ks.ctypes.data), ffi.cast("void **", vs.ctypes.data),
-                                    _shim.ptr("int32_t *", vt), len(tensors), stream, n,
-                                    _shim.ptr("int32_t *", kept_rows), m)
-    if err:  # nothing moved: the graph failed before it ran, or ran whole
-        raise DeviceError(f"compaction on {dev.name} failed: {_shim.load().error_string(err)}")
+    dev.gather(dev.stream_of(seq_id), n, kept_rows)
     try:
         _relabel(ctx, seq_id, pos, keep, m)
     except LlamaKVError as e:
@@ -245,6 +239,6 @@ def _relabel(ctx, seq_id: int, pos: np.ndarray, keep: np.ndarray, m: int) -> Non
     held = first_section_positions(meta)
     if not np.array_equal(held, pos[:m]):
         raise LlamaKVError("the sequence's cells are not the ones llamakv scored: its stream holds other positions")
-    _set_first_section_positions(meta, pos[keep].astype(np.int32))
+    _first_section_cells(meta)[:, 0] = pos[keep]
     if llama_cpp.llama_state_seq_set_data_ext(ctx, _u8p(meta), size, seq_id, ON_DEVICE) == 0:
         raise LlamaKVError("llama.cpp refused its own device-side sequence state")
