@@ -96,6 +96,17 @@ const char * llamakv_device_name(void * slot) {
     return slot != NULL ? ggml_backend_dev_name(((device_slot *) slot)->dev) : "";
 }
 
+int32_t llamakv_rpc_add_server(const char * endpoint) {
+    ggml_backend_reg_t rpc = ggml_backend_reg_by_name("RPC");
+    typedef ggml_backend_reg_t (*add_fn)(const char *);
+    add_fn add = rpc != NULL ? (add_fn) ggml_backend_reg_get_proc_address(rpc, "ggml_backend_rpc_add_server") : NULL;
+    if (add == NULL) return -1;
+    ggml_backend_reg_t reg = add(endpoint);
+    if (reg == NULL) return -2;
+    ggml_backend_register(reg);
+    return (int32_t) ggml_backend_reg_dev_count(reg);
+}
+
 /* The inputs of one layer's graph, allocated in their own buffer and filled from the host. */
 typedef struct {
     struct ggml_tensor * idx, * anchor_idx, * mask, * scored01, * w_lin, * w_sq, * w_cross, * sinks;

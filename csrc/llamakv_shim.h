@@ -182,6 +182,11 @@ const char * llamakv_device_name(void * backend);
 int32_t llamakv_device_is_gpu(void * backend);  /* 0: the CPU backend */
 size_t llamakv_device_scratch_bytes(void * backend);  /* device memory of the graphs' intermediates */
 
+/* Registers the llama.cpp RPC server at `endpoint` ("host:port") as ggml devices, so that models
+ * loaded afterwards offload layers to it (llama.cpp puts RPC devices first). Returns the number of
+ * devices it serves, -1 where this ggml has no RPC backend, -2 where the server did not answer. */
+int32_t llamakv_rpc_add_server(const char * endpoint);
+
 /* Expected Attention (and, with n_anchor > 0, KeyDiff) of n_layer layers, on the device (the
  * `backend` of llamakv_device_backend), from the layers' cache tensors k_cache/v_cache (v_trans: V
  * stored transposed):

@@ -29,7 +29,7 @@ _LOCK = threading.Lock()
 _LOADED = None
 
 
-def _llama_cpp_dirs() -> tuple[Path, Path]:
+def llama_cpp_dirs() -> tuple[Path, Path]:
     import llama_cpp
 
     pkg = Path(llama_cpp.__file__).resolve().parent
@@ -96,7 +96,7 @@ def _compile(cc: str, flags: list[str], libs: list[str], out_dir: Path, verbose:
 
 def build(verbose: bool = False) -> Path:
     """Compile the shim if no cached build matches; return the path of the shared library."""
-    include_dir, lib_dir = _llama_cpp_dirs()
+    include_dir, lib_dir = llama_cpp_dirs()
     cc = _compiler()
     # built where it runs: -march=native vectorises the state kernels for this CPU (the CPU's
     # flags are part of the cache key, so a cache shared with another machine rebuilds);

@@ -13,6 +13,7 @@ from .generation import json_grammar
 from .eval.run import add_eval_parser
 from .flags import add_llama_flags, llama_kwargs
 from .models import add_models_parser, models_command
+from .rpc import add_rpc_parser
 from .scoring import AGGREGATIONS, PRESSES, make_press
 
 _SPLIT = "\x00llamakv-question\x00"
@@ -132,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     from .server import add_serve_parser
     add_serve_parser(sub)
+    add_rpc_parser(sub)
     return ap
 
 
@@ -281,7 +283,7 @@ def main(argv=None) -> int:
             return cmd_compress(args)
         if args.command == "ask":
             return cmd_ask(args)
-        if args.command in ("eval", "serve"):
+        if args.command in ("eval", "serve", "rpc-server"):
             return args.func(args)
         if args.command == "models":
             return models_command(args)

@@ -25,12 +25,16 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals
 
-from . import _shim
+from . import _shim, rpc
 from .architectures import CacheLayout, spec_for
 from .capture import AttentionLayout, Capture, SeqCapture, Segment
 from .device import DeviceCache
 from .errors import CacheFullError, LlamaKVError, ModelError, UnsupportedModelError
 from .models import check_gguf, load_llama, resolve_model
+
+# -sm values, as llama.cpp's
+SPLIT_MODES = {"none": llama_cpp.LLAMA_SPLIT_MODE_NONE, "layer": llama_cpp.LLAMA_SPLIT_MODE_LAYER,
+               "row": llama_cpp.LLAMA_SPLIT_MODE_ROW}
 
 
 def meta_value(model, key: str) -> str | None:
@@ -97,18 +101,32 @@ class Part:
 def open_llama(model: str | os.PathLike | None = None, *, n_ctx: int = 8192, n_gpu_layers: int = 0,
            n_threads: int | None = None, flash_attn: bool | str = False, n_batch: int = 512,
            type_k: int | None = None, type_v: int | None = None, seed: int = 0, verbose: bool = False,
-           swa_full: bool = False) -> llama_cpp.Llama:
+           swa_full: bool = False, rpc_servers: str | Sequence[str] | None = None,
+           split_mode: str = "layer", tensor_split: Sequence[float] | None = None,
+           main_gpu: int = 0) -> llama_cpp.Llama:
     """Load a GGUF (path or registry name, see models.toml) as a `Llama`, refusing an
     architecture llamakv cannot compress before llama.cpp loads anything. `swa_full`: a
     sliding-window model's sliding cache as large as the context (llama-cpp-python's default)
     instead of the window plus a ubatch (llama-server's default, which llamakv follows: the
     sliding layers then hold a few hundred cells whatever the context). `flash_attn`: True, False
-    or "auto" (llama.cpp decides per device when the Context makes its context)."""
+    or "auto" (llama.cpp decides per device when the Context makes its context).
+
+    Several devices, as llama.cpp's --rpc, -sm, -ts, -mg: `rpc_servers` ("host:port,..." of
+    llama.cpp rpc-servers, registered for this process, see rpc.py) come first, then the local
+    GPUs; `split_mode` "layer" (whole layers, and their cache, per device), "row" (matrices split
+    by rows, the cache on the main GPU) or "none" (the main GPU alone); `tensor_split` the share of
+    each device (default: by free memory); `main_gpu` the device of "none" and "row"."""
     path = resolve_model(model)
     spec_for(check_gguf(path))  # refuses before llama.cpp loads anything
+    if split_mode not in SPLIT_MODES:
+        raise LlamaKVError(f"split mode {split_mode!r}: expected one of {', '.join(SPLIT_MODES)}")
+    if rpc_servers:
+        rpc.add_servers(rpc_servers)
     kwargs = dict(n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
                   n_batch=n_batch, n_ubatch=n_batch, flash_attn=flash_attn is True, seed=seed,
-                  verbose=verbose, swa_full=swa_full)
+                  verbose=verbose, swa_full=swa_full, split_mode=SPLIT_MODES[split_mode], main_gpu=main_gpu)
+    if tensor_split:
+        kwargs["tensor_split"] = [float(x) for x in tensor_split]
     # llama-cpp-python decodes on half the cores by default; llama.cpp uses them all
     n_threads = n_threads or os.cpu_count() or 1
     kwargs.update(n_threads=n_threads, n_threads_batch=n_threads)

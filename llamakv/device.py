@@ -33,45 +33,75 @@ from .errors import DeviceError, LlamaKVError, StateError
 ON_DEVICE = 2  # LLAMA_STATE_SEQ_FLAGS_ON_DEVICE
 
 
+class _Group:
+    """The scored layers whose cache tensors one device holds, and every (K, V) pair of the cache
+    that lies there (compaction moves those)."""
+
+    def __init__(self, backend, rows: list[int], k, v, v_trans, pairs: list[tuple]):
+        lib, ffi = _shim.load().lib, _shim.load().ffi
+        self.backend = backend
+        self.rows = np.array(rows, dtype=np.intp)
+        self.k = np.ascontiguousarray(k[self.rows], dtype=np.uint64)
+        self.v = np.ascontiguousarray(v[self.rows], dtype=np.uint64)
+        self.v_trans = np.ascontiguousarray(v_trans[self.rows], dtype=np.int32)
+        self.pairs_k, self.pairs_v, self.pairs_v_trans = (np.array(x, dtype=t) for x, t in zip(
+            zip(*pairs), (np.uint64, np.uint64, np.int32)))
+        self.is_gpu = bool(lib.llamakv_device_is_gpu(backend))
+        self.name = ffi.string(lib.llamakv_device_name(backend)).decode()
+
+
 class DeviceCache:
-    """The cache tensors of a context's scored layers and the device backend that holds them
-    (`backend` None where the path does not apply; `why_not` says why)."""
+    """The cache tensors of a context's scored layers and the device backends that hold them: one
+    group of layers per device (several where llama.cpp splits the layers over GPUs or RPC
+    servers). `available` False where the path does not apply; `why_not` says why."""
 
     def __init__(self, ctx):
         self.ctx = ctx
         cap = ctx.capture
         layers = list(ctx.scored_layers)
-        self.k = cap.k_cache[layers].copy()
-        self.v = cap.v_cache[layers].copy()
-        self.v_trans = np.ascontiguousarray(cap.v_trans[layers], dtype=np.int32)
+        k, v = cap.k_cache[layers].copy(), cap.v_cache[layers].copy()
+        v_trans = np.asarray(cap.v_trans[layers], dtype=np.int32)
         # every (K, V) pair of the cache once (layers that share another's cells read its tensors)
-        pairs = dict.fromkeys(zip(cap.k_cache.tolist(), cap.v_cache.tolist(), cap.v_trans.tolist()))
-        self.all_k, self.all_v, self.all_v_trans = (list(x) for x in zip(*pairs)) if pairs else ([], [], [])
-        self.backend = None
+        pairs = list(dict.fromkeys(zip(cap.k_cache.tolist(), cap.v_cache.tolist(), cap.v_trans.tolist())))
+        self.groups: list[_Group] = []
         self.is_gpu, self.name = False, ""
         self.why_not = ""
-        self.last_call_s = 0.0  # the last scoring call on the device, wall
-        lib, ffi = _shim.load().lib, _shim.load().ffi
-        if not (self.k.all() and self.v.all() and all(self.all_k) and all(self.all_v)):
+        self.last_call_s = 0.0  # the last scoring call on the device(s), wall
+        if not (k.all() and v.all() and all(p[0] and p[1] for p in pairs)):
             self.why_not = "the attention does not read the cache tensors directly (a cache on another backend)"
             return
         if any(ctx.layout.layers[i].k_rot for i in layers):
             self.why_not = "keys rotated by a Hadamard transform (quantized K cache)"
             return
+        lib, ffi = _shim.load().lib, _shim.load().ffi
         threads = int(llama_cpp.llama_n_threads(ctx.ctx))
-        backends = {int(ffi.cast("uintptr_t", lib.llamakv_device_backend(ffi.cast("void *", int(t)), threads)))
-                    for t in self.k}
-        if len(backends) != 1 or 0 in backends:
-            self.why_not = "the cache is spread over several devices or lies in host memory of a GPU"
+
+        def backend(t) -> int:
+            return int(ffi.cast("uintptr_t", lib.llamakv_device_backend(ffi.cast("void *", int(t)), threads)))
+
+        layer_dev = [backend(t) for t in k]
+        pair_dev = [backend(p[0]) for p in pairs]
+        if 0 in layer_dev or 0 in pair_dev or any(backend(t) != b for t, b in zip(v, layer_dev)):
+            self.why_not = "part of the cache lies in host memory of a GPU"
             return
-        self.backend = ffi.cast("void *", backends.pop())
-        self.is_gpu = bool(lib.llamakv_device_is_gpu(self.backend))
-        self.name = ffi.string(lib.llamakv_device_name(self.backend)).decode()
+        order = list(dict.fromkeys(layer_dev))
+        self.groups = [_Group(ffi.cast("void *", b), [i for i, d in enumerate(layer_dev) if d == b], k, v, v_trans,
+                              [p for p, d in zip(pairs, pair_dev) if d == b]) for b in order]
+        if set(pair_dev) - set(order):
+            self.groups, self.why_not = [], "a device holds cache tensors of no scored layer"
+            return
+        self.is_gpu = all(g.is_gpu for g in self.groups)
+        self.name = "+".join(g.name for g in self.groups)
         if self.is_gpu:
             try:
                 self.warm()
             except DeviceError as e:
-                self.backend, self.why_not = None, str(e)
+                self.groups, self.why_not = [], str(e)
+
+    @property
+    def backend(self):
+        """The first device's backend (the only one where a single device holds the cache)."""
+        return self.groups[0].backend if self.groups else None
 
     WARM_CELLS = 16384  # the scoring graph's largest chunk: its scratch does not grow past it
 
@@ -84,7 +114,7 @@ class DeviceCache:
         n = min(int(n_cells or self.WARM_CELLS), int(ctx.n_ctx_seq))
         if n < 2:
             return
-        n_layer, d = len(self.k), ctx.head_dim
+        n_layer, d = sum(len(g.rows) for g in self.groups), ctx.head_dim
         weights = np.zeros((n_layer, ctx.n_head, 2 * d + d // 2), dtype=np.float32)
         anchors = np.arange(0, n, max(1, n // 64), dtype=np.int32)
         try:
@@ -96,7 +126,7 @@ class DeviceCache:
 
     @property
     def available(self) -> bool:
-        return self.backend is not None
+        return bool(self.groups)
 
     def stream_of(self, seq_id: int) -> int:
         """The KV stream holding a sequence: its own with per-sequence streams, else the only one."""
@@ -124,10 +154,33 @@ class DeviceCache:
 
     def _scores(self, stream: int, n: int, weights, n_pairs: int, pair_kind: int, caps, sinks, scored,
                 use_vnorm: bool, epsilon: float, anchor_cells, out, mean_share, keydiff_sums) -> None:
-        """llamakv_device_ea_scores over the scored layers (arrays None: not given)."""
-        lib, ffi = _shim.load().lib, _shim.load().ffi
+        """llamakv_device_ea_scores over the scored layers (arrays None: not given), one call per
+        device on its own layers; "mean" shares of several devices are averaged by layer count."""
+        if len(self.groups) == 1:
+            return self._group_scores(self.groups[0], stream, n, weights, n_pairs, pair_kind, caps, sinks, scored,
+                                      use_vnorm, epsilon, anchor_cells, out, mean_share, keydiff_sums)
+        n_layer = len(weights)
+        if mean_share is not None:
+            mean_share[:] = 0.0
+        for g in self.groups:
+            rows = g.rows
+            part = lambda a: None if a is None else np.ascontiguousarray(a[rows])  # noqa: E731
+            out_g = None if out is None else np.empty((len(rows),) + out.shape[1:], dtype=np.float32)
+            kd_g = None if keydiff_sums is None else np.empty((len(rows), n), dtype=np.float32)
+            mean_g = None if mean_share is None else np.empty(n, dtype=np.float32)
+            self._group_scores(g, stream, n, part(weights), n_pairs, pair_kind, part(caps), part(sinks), scored,
+                               use_vnorm, epsilon, anchor_cells, out_g, mean_g, kd_g)
+            if out is not None:
+                out[rows] = out_g
+            if keydiff_sums is not None:
+                keydiff_sums[rows] = kd_g
+            if mean_share is not None:
+                mean_share += mean_g * np.float32(len(rows) / n_layer)  # +inf (not scored) stays +inf
 
-        keep = [np.ascontiguousarray(x, dtype=np.uint64) for x in (self.k, self.v)]  # alive during the call
+    def _group_scores(self, g: _Group, stream: int, n: int, weights, n_pairs: int, pair_kind: int, caps, sinks,
+                      scored, use_vnorm: bool, epsilon: float, anchor_cells, out, mean_share, keydiff_sums) -> None:
+        lib, ffi = _shim.load().lib, _shim.load().ffi
+        keep = []  # every array passed stays alive through the call
 
         def arg(ctype: str, a, dtype):
             if a is None:
@@ -137,8 +190,8 @@ class DeviceCache:
 
         ctx = self.ctx
         err = lib.llamakv_device_ea_scores(
-            self.backend, ffi.cast("void **", keep[0].ctypes.data), ffi.cast("void **", keep[1].ctypes.data),
-            _shim.ptr("int32_t *", self.v_trans), len(self.k), stream, n, ctx.n_head, ctx.n_head_kv, ctx.head_dim,
+            g.backend, ffi.cast("void **", g.k.ctypes.data), ffi.cast("void **", g.v.ctypes.data),
+            _shim.ptr("int32_t *", g.v_trans), len(g.k), stream, n, ctx.n_head, ctx.n_head_kv, ctx.head_dim,
             arg("float *", weights, np.float32), n_pairs, pair_kind, arg("float *", caps, np.float32),
             arg("float *", sinks, np.float32), arg("uint8_t *", scored, np.uint8), int(use_vnorm), float(epsilon),
             arg("int32_t *", anchor_cells, np.int32), 0 if anchor_cells is None else len(anchor_cells),
@@ -146,21 +199,22 @@ class DeviceCache:
             ffi.NULL if mean_share is None else _shim.ptr("float *", mean_share),
             ffi.NULL if keydiff_sums is None else _shim.ptr("float *", keydiff_sums))
         if err:
-            raise DeviceError(f"scoring on {self.name} failed: {_shim.load().error_string(err)}")
+            raise DeviceError(f"scoring on {g.name} failed: {_shim.load().error_string(err)}")
 
     def gather(self, stream: int, n_cells: int, kept: np.ndarray) -> None:
         """Cells 0 .. len(kept) - 1 of `stream` take the contents of the cells `kept` (ascending), in
-        every K and V tensor of the cache (llamakv_device_gather)."""
+        every K and V tensor of the cache (llamakv_device_gather, per device). Raises DeviceError
+        where nothing moved, StateError where a device failed after another's cells had moved."""
         lib, ffi = _shim.load().lib, _shim.load().ffi
-        ks = np.array(self.all_k, dtype=np.uint64)
-        vs = np.array(self.all_v, dtype=np.uint64)
-        vt = np.array(self.all_v_trans, dtype=np.int32)
         kept = np.ascontiguousarray(kept, dtype=np.int32)
-        err = lib.llamakv_device_gather(self.backend, ffi.cast("void **", ks.ctypes.data),
-                                        ffi.cast("void **", vs.ctypes.data), _shim.ptr("int32_t *", vt), len(ks),
-                                        stream, n_cells, _shim.ptr("int32_t *", kept), len(kept))
-        if err:  # nothing moved: the graph failed before it ran, or ran whole
-            raise DeviceError(f"compaction on {self.name} failed: {_shim.load().error_string(err)}")
+        for i, g in enumerate(self.groups):
+            err = lib.llamakv_device_gather(g.backend, ffi.cast("void **", g.pairs_k.ctypes.data),
+                                            ffi.cast("void **", g.pairs_v.ctypes.data),
+                                            _shim.ptr("int32_t *", g.pairs_v_trans), len(g.pairs_k),
+                                            stream, n_cells, _shim.ptr("int32_t *", kept), len(kept))
+            if err:  # nothing moved on this device: the graph failed before it ran, or ran whole
+                msg = f"compaction on {g.name} failed: {_shim.load().error_string(err)}"
+                raise (StateError(msg + " after other devices had moved their cells") if i else DeviceError(msg))
 
 
 class DeviceCells:
@@ -217,11 +271,13 @@ def compact(dev: DeviceCache, seq_cache, pos: np.ndarray, keep: np.ndarray) -> N
     if m == n:
         return
     llama_cpp.llama_synchronize(ctx)
-    dev.gather(dev.stream_of(seq_id), n, kept_rows)
     try:
+        dev.gather(dev.stream_of(seq_id), n, kept_rows)  # DeviceError: nothing moved, the host path can run
         _relabel(ctx, seq_id, pos, keep, m)
+    except DeviceError:
+        raise
     except LlamaKVError as e:
-        # the data has moved and llama.cpp's metadata has not: the cells are no longer what they say
+        # the data has moved (on some device at least) and llama.cpp's metadata has not: the cells are no longer what they say
         llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), seq_id, -1, -1)
         raise StateError(f"{e}; the sequence's cells were freed (prefill again)") from e
 

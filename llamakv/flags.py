@@ -3,6 +3,7 @@ names, defaults and help, and one translation into `open_llama`'s arguments."""
 from __future__ import annotations
 
 import argparse
+import re
 
 from .errors import LlamaKVError
 
@@ -13,7 +14,7 @@ DEFAULT_CTX = 4096  # llama.cpp's own default context size
 
 
 def add_llama_flags(p, *, ctx_default: int | None = DEFAULT_CTX, ctx_help: str | None = None) -> None:
-    """-c, -ngl, -t, -b, -fa, -ctk, -ctv on a parser or argument group. `ctx_default`/`ctx_help`:
+    """-c, -ngl, -t, -b, -fa, -ctk, -ctv, --rpc, -sm, -ts, -mg on a parser or argument group. `ctx_default`/`ctx_help`:
     a command that sizes the cache itself when -c is not given (eval)."""
     p.add_argument("-c", "--ctx-size", type=int, default=ctx_default,
                    help=ctx_help or f"KV cache size in cells (default {ctx_default})")
@@ -28,6 +29,16 @@ def add_llama_flags(p, *, ctx_default: int | None = DEFAULT_CTX, ctx_help: str |
                    help="K cache type (default f16)")
     p.add_argument("-ctv", "--cache-type-v", default="f16", choices=sorted(CACHE_TYPES),
                    help="V cache type (default f16; a quantized one needs -fa on)")
+    p.add_argument("--rpc", metavar="SERVERS", default=None,
+                   help="llama.cpp rpc-servers to offload layers to, host:port[,host:port...] "
+                        "(needs llama-cpp-python built with -DGGML_RPC=on; `llamakv rpc-server` starts one)")
+    p.add_argument("-sm", "--split-mode", default="layer", choices=["none", "layer", "row"],
+                   help="how to split the model over several devices: layer (the default; layers and "
+                        "their KV cache per device), row, none (the main GPU only)")
+    p.add_argument("-ts", "--tensor-split", metavar="SPLIT", default=None,
+                   help="share of each device, e.g. 3,1 (default: by free memory)")
+    p.add_argument("-mg", "--main-gpu", type=int, default=0,
+                   help="the device used with -sm none, and for the KV cache with -sm row (default 0)")
 
 
 def llama_kwargs(args: argparse.Namespace) -> dict:
@@ -36,7 +47,12 @@ def llama_kwargs(args: argparse.Namespace) -> dict:
         raise LlamaKVError(f"a quantized V cache (-ctv {args.cache_type_v}) needs flash attention: add -fa on")
     import llama_cpp
 
-    return dict(n_ctx=args.ctx_size, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
+    try:
+        split = [float(x) for x in re.split(r"[,/]", args.tensor_split)] if args.tensor_split else None
+    except ValueError:
+        raise LlamaKVError(f"-ts {args.tensor_split}: expected numbers separated by commas, e.g. 3,1") from None
+    return dict(rpc_servers=args.rpc, split_mode=args.split_mode, tensor_split=split, main_gpu=args.main_gpu,
+                n_ctx=args.ctx_size, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
                 n_batch=args.batch_size, flash_attn={"on": True, "off": False, "auto": "auto"}[args.flash_attn],
                 type_k=getattr(llama_cpp, "GGML_TYPE_" + CACHE_TYPES[args.cache_type_k]),
                 type_v=getattr(llama_cpp, "GGML_TYPE_" + CACHE_TYPES[args.cache_type_v]))

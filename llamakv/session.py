@@ -9,6 +9,7 @@ load the compressed sequence.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Iterator, Sequence as Seq
 
@@ -22,6 +23,8 @@ from .scoring import Press
 from .sequence import Sequence, Snapshot
 
 __all__ = ["KVSession", "CompressionReport", "Snapshot"]
+
+_OPEN_LLAMA_PARAMS = frozenset(inspect.signature(open_llama).parameters) - {"model"}
 
 
 class KVSession:
@@ -54,15 +57,13 @@ class KVSession:
         self.cache, self.queries, self.n_ctx = self.seq.cache, self.seq.queries, self.seq.n_ctx
 
     @classmethod
-    def from_model(cls, model: str | os.PathLike | None = None, *, n_ctx: int = 8192, n_gpu_layers: int = 0,
-                   n_threads: int | None = None, flash_attn: bool | str = False, n_batch: int = 512,
-                   type_k: int | None = None, type_v: int | None = None, seed: int = 0, verbose: bool = False,
-                   swa_full: bool = False, **session_kwargs) -> "KVSession":
-        """Load a GGUF (path or registry name, see models.toml) and wrap it (context.open_llama)."""
-        llama = open_llama(model, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
-                           flash_attn=flash_attn, n_batch=n_batch, type_k=type_k, type_v=type_v, seed=seed,
-                           verbose=verbose, swa_full=swa_full)
-        return cls(llama, **session_kwargs)
+    def from_model(cls, model: str | os.PathLike | None = None, **kwargs) -> "KVSession":
+        """Load a GGUF (path or registry name, see models.toml) and wrap it. The keywords of
+        context.open_llama (n_ctx, n_gpu_layers, n_threads, flash_attn, n_batch, type_k, type_v,
+        seed, verbose, swa_full, rpc_servers, split_mode, tensor_split, main_gpu) load the model;
+        the others are the session's (see KVSession)."""
+        load = {k: kwargs.pop(k) for k in list(kwargs) if k in _OPEN_LLAMA_PARAMS}
+        return cls(open_llama(model, **load), **kwargs)
 
     def close(self) -> None:
         self.context.close()

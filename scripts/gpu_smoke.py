@@ -11,6 +11,7 @@ with the tokenizer of --like.
 
     python scripts/gpu_smoke.py --model tiny.gguf -ngl 99 [-fa]
     python scripts/gpu_smoke.py --arch all --like tiny.gguf -fa
+    python scripts/gpu_smoke.py --model l8b.gguf -ngl 99 -fa -sm layer -ts 1,1   # two GPUs
 """
 from __future__ import annotations
 
@@ -47,7 +48,9 @@ def same_layout(a, b) -> bool:
 
 def check(model: str, args) -> tuple[bool, str]:
     common = dict(n_ctx=4096, flash_attn=args.flash_attn)
-    gpu = KVSession.from_model(model, n_gpu_layers=args.n_gpu_layers, **common)
+    split = [float(x) for x in args.tensor_split.split(",")] if args.tensor_split else None
+    gpu = KVSession.from_model(model, n_gpu_layers=args.n_gpu_layers, split_mode=args.split_mode,
+                               tensor_split=split, **common)
     cpu = KVSession.from_model(model, n_gpu_layers=0, **common)
     rng = np.random.default_rng(0)
     tokens = rng.integers(100, 20000, size=args.tokens).tolist()
@@ -111,6 +114,9 @@ def main(argv=None) -> int:
     ap.add_argument("--like", default=None, help="GGUF to take the tokenizer from, with --arch")
     ap.add_argument("-ngl", "--n-gpu-layers", type=int, default=99)
     ap.add_argument("-fa", "--flash-attn", action="store_true")
+    ap.add_argument("-sm", "--split-mode", default="layer", choices=["none", "layer", "row"],
+                    help="several GPUs: layer (each GPU its layers and their cache), row, none")
+    ap.add_argument("-ts", "--tensor-split", default=None, help="share of each GPU, e.g. 1,1")
     ap.add_argument("--tokens", type=int, default=1500)
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--tol", type=float, default=2e-2, help="max relative difference GPU vs CPU")

@@ -9,7 +9,7 @@ from llamakv.errors import LlamaKVError
 from llamakv.flags import llama_kwargs
 
 COMMANDS = ["compress", "ask", "eval", "serve"]
-FLAGS = ["-c", "-ngl", "-t", "-b", "-fa", "-ctk", "-ctv"]
+FLAGS = ["-c", "-ngl", "-t", "-b", "-fa", "-ctk", "-ctv", "--rpc", "-sm", "-ts", "-mg"]
 
 
 def parse(command: str, *flags: str):
@@ -24,13 +24,18 @@ def actions(command: str) -> dict:
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_the_flags_parse_the_same_in_every_command(command):
-    args = parse(command, "-c", "2048", "-ngl", "7", "-t", "3", "-b", "256", "-fa", "on", "-ctk", "q8_0",
-                 "-ctv", "q8_0")
-    reference = parse("compress", "-c", "2048", "-ngl", "7", "-t", "3", "-b", "256", "-fa", "on", "-ctk", "q8_0",
-                      "-ctv", "q8_0")
+    flags = ["-c", "2048", "-ngl", "7", "-t", "3", "-b", "256", "-fa", "on", "-ctk", "q8_0", "-ctv", "q8_0",
+             "--rpc", "10.0.0.2:50052,10.0.0.3:50052", "-sm", "row", "-ts", "3,1", "-mg", "1"]
+    args, reference = parse(command, *flags), parse("compress", *flags)
     assert llama_kwargs(args) == llama_kwargs(reference)
     assert llama_kwargs(args)["flash_attn"] is True and llama_kwargs(args)["n_ctx"] == 2048
     assert parse(command, "-fa").flash_attn == "on" and parse(command, "-fa", "auto").flash_attn == "auto"
+    kw = llama_kwargs(args)
+    assert (kw["rpc_servers"], kw["split_mode"], kw["tensor_split"], kw["main_gpu"]) == (
+        "10.0.0.2:50052,10.0.0.3:50052", "row", [3.0, 1.0], 1)
+    assert llama_kwargs(parse(command, "-ts", "1/2"))["tensor_split"] == [1.0, 2.0]
+    with pytest.raises(LlamaKVError, match="-ts"):
+        llama_kwargs(parse(command, "-ts", "3,x"))
 
 
 @pytest.mark.parametrize("command", COMMANDS[1:])
